@@ -1,0 +1,154 @@
+"""AsyncEngine: an asyncio face on LLMEngine.
+
+One background thread runs `engine.step()` while there is work, so requests that arrive while
+others run are batched together by the engine's scheduler. Each request has an asyncio queue
+on the event loop that asked for it; the thread hands every step's cumulative RequestOutput to
+that loop. A consumer that stops early (client gone, task cancelled) aborts its request, which
+frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import threading
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from replicas.outputs import RequestOutput
+from replicas.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop thread has stopped; this engine serves no more requests."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+
+
+def _snapshot(out: RequestOutput) -> RequestOutput:
+    """A copy the consumer may read while the engine keeps appending to its own lists."""
+    outputs = [
+        dataclasses.replace(
+            c,
+            token_ids=list(c.token_ids),
+            logprobs=list(c.logprobs) if c.logprobs is not None else None,
+        )
+        for c in out.outputs
+    ]
+    return dataclasses.replace(out, outputs=outputs)
+
+
+class AsyncEngine:
+    def __init__(self, engine, *, idle_poll_s: float = 0.5) -> None:
+        self.engine = engine
+        self._idle_poll_s = idle_poll_s
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="raylm-engine-loop", daemon=True)
+        self._thread.start()
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._wakeup.clear()
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.wait(self._idle_poll_s)
+                    continue
+                for out in self.engine.step():
+                    self._deliver(out)
+        except BaseException as e:  # noqa: BLE001 - the loop must report whatever killed it
+            logger.exception("engine loop died")
+            self._error = e
+            with self._lock:
+                streams = list(self._streams.values())
+            for s in streams:
+                self._put(s, EngineDeadError(f"engine loop died: {e!r}"))
+
+    def _deliver(self, out: RequestOutput) -> None:
+        with self._lock:
+            stream = self._streams.get(out.request_id)
+        if stream is not None:
+            self._put(stream, _snapshot(out))
+
+    def _put(self, stream: _Stream, item) -> None:
+        try:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody will read this request
+            if isinstance(item, RequestOutput) and not item.finished:
+                self.engine.abort_request(item.request_id)
+
+    # -- public -------------------------------------------------------------------------------
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None
+
+    def get_load(self):
+        return self.engine.get_load()
+
+    @property
+    def num_streams(self) -> int:
+        return len(self._streams)
+
+    def abort(self, request_id: str) -> None:
+        self.engine.abort_request(request_id)
+        self._wakeup.set()
+
+    async def generate(self, request_id: str, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        """Yield the cumulative RequestOutput of one request until it is finished.
+
+        Raises ValueError (bad prompt or params) before the first output, EngineDeadError when the
+        loop has died. Closing the iterator early aborts the request.
+        """
+        if not self.is_alive():
+            raise EngineDeadError(f"engine loop is not running: {self._error!r}")
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = stream
+        finished = False
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except BaseException:
+            finished = True  # never added: nothing to abort
+            with self._lock:
+                self._streams.pop(request_id, None)
+            raise
+        self._wakeup.set()
+        try:
+            while True:
+                item = await stream.queue.get()
+                # Outputs are cumulative: when the consumer is behind, only the newest matters.
+                while not stream.queue.empty() and not _is_final(item):
+                    item = stream.queue.get_nowait()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+
+def _is_final(item) -> bool:
+    return isinstance(item, BaseException) or item.finished
+

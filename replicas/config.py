@@ -1,0 +1,114 @@
+"""Engine and model configuration: what the engine was asked for, resolved against the model."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+import torch
+
+_DTYPES = {
+    "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
+}
+
+
+@dataclass
+class EngineConfig:
+    """The keyword arguments of `cluster.LLM` (vLLM's names where vLLM has one)."""
+
+    model: str | None = None
+    enable_prompt_embeds: bool = True
+    dtype: str | torch.dtype = "auto"
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_gpu_blocks_override: int | None = None
+    enable_prefix_caching: bool = True
+    load_format: str = "auto"  # "auto" | "dummy"
+    seed: int = 0
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    device: str | None = None  # None: cuda when torch sees a GPU, else cpu
+    gpu_memory_utilization: float = 0.9
+    kv_cache_memory_gb: float = 1.0  # the CPU's KV budget
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+    num_threads: int | None = None  # torch intra-op threads on the CPU
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> "EngineConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown engine arguments: {', '.join(unknown)}")
+        return cls(**kwargs)
+
+    def resolve_device(self) -> torch.device:
+        if self.device:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def resolve_dtype(self, device: torch.device) -> torch.dtype:
+        if isinstance(self.dtype, torch.dtype):
+            return self.dtype
+        if self.dtype in (None, "auto"):
+            return torch.bfloat16 if device.type == "cuda" else torch.float32
+        try:
+            return _DTYPES[str(self.dtype).lower()]
+        except KeyError:
+            raise ValueError(f"unsupported dtype {self.dtype!r}; use one of auto, {', '.join(_DTYPES)}") from None
+
+
+@dataclass
+class ModelConfig:
+    """The shape of a Llama-family model, read from a Hugging Face config."""
+
+    name: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    max_position_embeddings: int
+    max_model_len: int
+    bos_token_id: int | None
+    eos_token_ids: list[int]
+    hf_config: object  # transformers PretrainedConfig, for rope parameters
+
+    @classmethod
+    def from_hf(cls, hf_config, name: str, max_model_len: int | None) -> "ModelConfig":
+        c = hf_config
+        model_type = getattr(c, "model_type", "llama")
+        if model_type not in ("llama", "mistral", "qwen2"):
+            raise ValueError(f"unsupported model_type {model_type!r}: raylm runs llama, mistral and qwen2")
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+        eos = c.eos_token_id
+        eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        max_pos = getattr(c, "max_position_embeddings", 4096)
+        if max_model_len is None:
+            max_model_len = max_pos
+        elif max_model_len > max_pos:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {max_pos}")
+        return cls(
+            name=name,
+            hidden_size=c.hidden_size,
+            num_layers=c.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=head_dim,
+            intermediate_size=c.intermediate_size,
+            vocab_size=c.vocab_size,
+            rms_norm_eps=c.rms_norm_eps,
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
+            max_position_embeddings=max_pos,
+            max_model_len=max_model_len,
+            bos_token_id=getattr(c, "bos_token_id", None),
+            eos_token_ids=eos_ids,
+            hf_config=c,
+        )

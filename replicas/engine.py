@@ -1,0 +1,231 @@
+"""LLMEngine: requests in, one scheduler step at a time, cumulative RequestOutputs out."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from replicas.config import EngineConfig, ModelConfig
+from replicas.detokenizer import IncrementalDetokenizer
+from replicas.inputs import ProcessedPrompt, process_prompt
+from replicas.kv_cache_manager import KVCacheManager
+from replicas.loader import load_model_source
+from replicas.model_runner import ModelRunner
+from replicas.outputs import CompletionOutput, Logprob, RequestOutput
+from replicas.sampler import SampleResult
+from replicas.sampling_params import SamplingParams
+from replicas.scheduler import Scheduler
+from replicas.sequence import Request, Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineLoad:
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+@dataclass
+class _Add:
+    request: Request
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig):
+        self.cfg = cfg
+        self.device = cfg.resolve_device()
+        self.dtype = cfg.resolve_dtype(self.device)
+        if self.device.type == "cpu" and cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        source = load_model_source(cfg.model, cfg.load_format, cfg.tokenizer)
+        self.model_name = cfg.served_model_name or source.name
+        self.tokenizer = source.tokenizer
+        self.model_config = ModelConfig.from_hf(source.hf_config, self.model_name, cfg.max_model_len)
+        eos = self.tokenizer.eos_token_id
+        if eos is not None and eos not in self.model_config.eos_token_ids:
+            self.model_config.eos_token_ids.append(eos)
+        self.runner = ModelRunner(cfg, self.model_config, source, self.device, self.dtype)
+        del source
+        self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max(cfg.max_num_batched_tokens, 1), cfg.max_num_seqs)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending_ids: set[str] = set()
+        self._ids_lock = threading.Lock()
+        self._requests: dict[str, Request] = {}
+        logger.info("engine ready: %s on %s (%s), %d KV blocks of %d", self.model_name, self.device,
+                    self.dtype, self.runner.num_blocks, cfg.block_size)
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs) -> "LLMEngine":
+        return cls(EngineConfig.from_kwargs(model=model, **kwargs))
+
+    # ---- requests in -------------------------------------------------------------------------
+
+    def _process(self, prompt, params: SamplingParams) -> tuple[ProcessedPrompt, int]:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        processed = process_prompt(prompt, self.tokenizer, self.model_config, self.dtype,
+                                   self.cfg.enable_prompt_embeds)
+        n, limit = processed.num_tokens, self.model_config.max_model_len
+        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+        if n + max_tokens > limit:
+            raise ValueError(f"the prompt has {n} tokens and max_tokens is {max_tokens}: together more than "
+                             f"max_model_len ({limit}); shorten the prompt to at most {limit - max_tokens} tokens")
+        if max_tokens < 1:
+            raise ValueError(f"the prompt has {n} tokens, leaving no room to generate within max_model_len {limit}")
+        capacity = self.kv.num_total_blocks * self.cfg.block_size
+        if n + max_tokens > capacity:
+            raise ValueError(f"prompt ({n}) plus max_tokens ({max_tokens}) exceeds the KV cache capacity "
+                             f"of {capacity} tokens")
+        return processed, max_tokens
+
+    def validate_prompt(self, prompt, params: SamplingParams) -> None:
+        self._process(prompt, params)
+
+    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
+        processed, max_tokens = self._process(prompt, params)
+        with self._ids_lock:
+            if request_id in self._pending_ids:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._pending_ids.add(request_id)
+        self._inbox.put(_Add(self._make_request(request_id, processed, params, max_tokens)))
+
+    def _make_request(self, request_id: str, p: ProcessedPrompt, params: SamplingParams,
+                      max_tokens: int) -> Request:
+        seqs = []
+        for i in range(params.n):
+            generator = None if params.seed is None else torch.Generator().manual_seed(params.seed + i)
+            context = p.prompt_token_ids or []
+            seqs.append(Sequence(
+                request_id=request_id, index=i, params=params, token_ids=p.sequence_token_ids,
+                num_prompt_tokens=p.num_tokens, prompt_embeds=p.prompt_embeds,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, context, params.skip_special_tokens),
+                generator=generator, max_tokens=max_tokens))
+        return Request(request_id, p.prompt, p.prompt_token_ids, params, seqs, time.time())
+
+    def abort_request(self, request_id: str) -> None:
+        self._inbox.put(_Abort(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or not self._inbox.empty()
+
+    def get_load(self) -> EngineLoad:
+        return EngineLoad(len(self.scheduler.waiting) + self._inbox.qsize(), len(self.scheduler.running),
+                          self.kv.num_free_blocks, self.kv.num_total_blocks)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        changed: dict[str, Request] = {}
+        self._drain_inbox(changed)
+        sched = self.scheduler.schedule()
+        if not sched.empty:
+            results = self.runner.execute(sched)
+            self.scheduler.after_step(sched)
+            sampling = [s.seq for s in sched.scheduled if s.samples]
+            for seq, result in zip(sampling, results):
+                self._append_token(seq, result)
+                changed[seq.request_id] = self._requests[seq.request_id]
+        outputs = [self._output(r) for r in changed.values()]
+        for r in changed.values():
+            if r.finished:
+                self._forget(r.request_id)
+        return outputs
+
+    def _drain_inbox(self, changed: dict[str, Request]) -> None:
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, _Add):
+                self._requests[item.request.request_id] = item.request
+                for seq in item.request.seqs:
+                    self.scheduler.add(seq)
+            else:
+                request = self._requests.get(item.request_id)
+                if request is None or request.finished:
+                    continue
+                for seq in request.seqs:
+                    if not seq.finished:
+                        seq.finish_reason = "abort"
+                        self.scheduler.finish(seq)
+                changed[request.request_id] = request
+
+    def _forget(self, request_id: str) -> None:
+        self._requests.pop(request_id, None)
+        with self._ids_lock:
+            self._pending_ids.discard(request_id)
+
+    def _append_token(self, seq: Sequence, result: SampleResult) -> None:
+        p = seq.params
+        token = result.token_id
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += result.logprob
+        if result.top_logprobs is not None:
+            decode = self.tokenizer.decode
+            seq.logprobs.append({t: Logprob(lp, rank, decode([t])) for t, lp, rank in result.top_logprobs})
+
+        can_stop = seq.num_output_tokens >= p.min_tokens
+        if can_stop and token in p.stop_token_ids:
+            self._finish(seq, "stop", token)
+        elif can_stop and not p.ignore_eos and token in self.model_config.eos_token_ids:
+            self._finish(seq, "stop", None)
+        else:
+            delta = seq.detokenizer.add(token)
+            if delta and p.stop_list and can_stop:
+                self._check_stop_strings(seq, len(delta))
+        if not seq.finished and (seq.num_output_tokens >= seq.max_tokens
+                                 or seq.num_tokens >= self.model_config.max_model_len):
+            self._finish(seq, "length", None)
+        if not seq.finished:
+            hold = max((len(s) for s in p.stop_list), default=1) - 1
+            seq.visible_text_len = max(seq.visible_text_len, len(seq.detokenizer.text) - hold)
+
+    def _check_stop_strings(self, seq: Sequence, delta_len: int) -> None:
+        text = seq.detokenizer.text
+        longest = max(len(s) for s in seq.params.stop_list)
+        window = max(0, len(text) - delta_len - longest + 1)
+        found = [(text.find(s, window), s) for s in seq.params.stop_list]
+        found = [(i, s) for i, s in found if i >= 0]
+        if found:
+            index, stop = min(found)
+            end = index + len(stop) if seq.params.include_stop_str_in_output else index
+            seq.detokenizer.text = text[:end]
+            self._finish(seq, "stop", stop)
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+        seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.visible_text_len = len(seq.detokenizer.text)
+        self.scheduler.finish(seq)
+
+    def _output(self, r: Request) -> RequestOutput:
+        outputs = [CompletionOutput(
+            index=s.index,
+            text=s.detokenizer.text[: len(s.detokenizer.text) if s.finished else s.visible_text_len],
+            token_ids=list(s.output_token_ids),
+            cumulative_logprob=s.cumulative_logprob,
+            logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
+            finish_reason=s.finish_reason,
+            stop_reason=s.stop_reason,
+        ) for s in r.seqs]
+        first = r.seqs[0]
+        return RequestOutput(
+            request_id=r.request_id, prompt=r.prompt, prompt_token_ids=r.prompt_token_ids, outputs=outputs,
+            finished=r.finished, num_prompt_tokens=first.num_prompt_tokens,
+            num_cached_tokens=first.num_cached_tokens)
+
+    def input_embeddings(self, token_ids: list[int]) -> torch.Tensor:
+        return self.runner.input_embeddings(token_ids)

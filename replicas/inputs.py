@@ -1,0 +1,82 @@
+"""Normalises the prompt forms users send (text, token ids, embeds) into one ProcessedPrompt."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from replicas.config import ModelConfig
+
+PLACEHOLDER_TOKEN_ID = 0  # stands in token_ids at prompt-embeds positions; never looked up
+
+
+@dataclass
+class ProcessedPrompt:
+    prompt: str | None
+    prompt_token_ids: list[int] | None  # None for embeds
+    prompt_embeds: torch.Tensor | None  # (seq_len, hidden) in the model dtype, on the CPU
+
+    @property
+    def num_tokens(self) -> int:
+        if self.prompt_embeds is not None:
+            return self.prompt_embeds.shape[0]
+        return len(self.prompt_token_ids)
+
+    @property
+    def sequence_token_ids(self) -> list[int]:
+        if self.prompt_embeds is not None:
+            return [PLACEHOLDER_TOKEN_ID] * self.prompt_embeds.shape[0]
+        return list(self.prompt_token_ids)
+
+
+def _embeds_tensor(value, hidden: int, dtype: torch.dtype) -> torch.Tensor:
+    expected = f"expected shape (seq_len, {hidden}) or (1, seq_len, {hidden})"
+    if isinstance(value, np.ndarray):
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"prompt_embeds must be a floating-point tensor, got numpy {value.dtype}; {expected}")
+        value = torch.from_numpy(np.array(value, copy=True))  # the object store hands out read-only views
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"prompt_embeds must be a torch.Tensor or numpy array, got {type(value).__name__}; {expected}")
+    if value.layout != torch.strided:
+        raise ValueError(f"prompt_embeds must be a dense tensor, got layout {value.layout}; {expected}")
+    if not value.dtype.is_floating_point:
+        raise ValueError(f"prompt_embeds must be floating point, got {value.dtype}; {expected}")
+    if value.dim() == 3 and value.shape[0] == 1:
+        value = value[0]
+    if value.dim() != 2 or value.shape[1] != hidden:
+        raise ValueError(f"prompt_embeds has shape {tuple(value.shape)}; {expected}")
+    if value.shape[0] == 0:
+        raise ValueError(f"prompt_embeds is empty (0 rows); {expected} with seq_len >= 1")
+    return value.detach().to(device="cpu", dtype=dtype).clone().contiguous()
+
+
+def process_prompt(prompt, tokenizer, model_cfg: ModelConfig, dtype: torch.dtype,
+                   enable_prompt_embeds: bool) -> ProcessedPrompt:
+    if isinstance(prompt, str):
+        prompt = {"prompt": prompt}
+    if not isinstance(prompt, dict):
+        raise ValueError(f"a prompt must be a string or a dict, got {type(prompt).__name__}")
+    keys = [k for k in ("prompt_embeds", "prompt_token_ids", "prompt") if prompt.get(k) is not None]
+    if len(keys) != 1:
+        raise ValueError("a prompt dict needs exactly one of 'prompt', 'prompt_token_ids', 'prompt_embeds'")
+    kind = keys[0]
+    if kind == "prompt_embeds":
+        if not enable_prompt_embeds:
+            raise ValueError("prompt_embeds given but this engine runs with enable_prompt_embeds=False")
+        return ProcessedPrompt(None, None, _embeds_tensor(prompt["prompt_embeds"], model_cfg.hidden_size, dtype))
+    if kind == "prompt":
+        text = prompt["prompt"]
+        if not isinstance(text, str):
+            raise ValueError(f"'prompt' must be a string, got {type(text).__name__}")
+        ids = tokenizer(text).input_ids
+        if not ids:
+            raise ValueError("the prompt is empty")
+        return ProcessedPrompt(text, list(ids), None)
+    ids = prompt["prompt_token_ids"]
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise ValueError("prompt_token_ids must be a non-empty list of token ids")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < model_cfg.vocab_size:
+            raise ValueError(f"token id {t!r} is out of range [0, {model_cfg.vocab_size})")
+    return ProcessedPrompt(None, [int(t) for t in ids], None)

@@ -1,0 +1,1 @@
+"""Model forward passes over the paged KV cache."""

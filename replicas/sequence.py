@@ -1,0 +1,82 @@
+"""A request and its sequences (n > 1 gives several), as the scheduler and runner see them."""
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+
+from replicas.detokenizer import IncrementalDetokenizer
+from replicas.outputs import Logprob
+from replicas.sampling_params import SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One generated continuation. Positions < num_embeds take rows of `prompt_embeds`; the rest
+    take `token_ids` (which hold a placeholder id at embeds positions)."""
+
+    request_id: str
+    index: int
+    params: SamplingParams
+    token_ids: list[int]
+    num_prompt_tokens: int
+    prompt_embeds: torch.Tensor | None
+    detokenizer: IncrementalDetokenizer
+    generator: torch.Generator | None = None
+    max_tokens: int = 16
+    seq_id: int = field(default_factory=lambda: next(_seq_ids))
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks, computed lazily
+    num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    visible_text_len: int = 0  # text shown to callers; the tail that may begin a stop string waits
+
+    @property
+    def num_embeds(self) -> int:
+        return 0 if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int] | None  # None for embeds prompts
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival_time: float
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
