@@ -43,6 +43,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -91,6 +92,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Recompute later: drop the KV blocks and requeue at the front."""
+        self.num_preemptions += 1
         self.kv.free(seq)
         seq.num_computed_tokens = 0
         seq.status = SequenceStatus.WAITING

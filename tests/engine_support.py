@@ -1,0 +1,48 @@
+"""Helpers the engine tests share: chat prompts, transformers references, tiny random models."""
+from __future__ import annotations
+
+import torch
+
+CHATS = [
+    "Please tell me about the capital of France.",
+    "When is the day longest during the year?",
+    "Where is bigger, the moon or the sun?",
+]
+
+
+def chat_token_ids(tokenizer, text: str) -> list[int]:
+    enc = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                        tokenize=True)
+    return list(enc["input_ids"])
+
+
+def hf_greedy(model, token_ids: list[int], max_new_tokens: int) -> list[int]:
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([token_ids]), attention_mask=torch.ones(1, len(token_ids), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=model.config.eos_token_id if model.config.pad_token_id is None
+                             else model.config.pad_token_id)
+    return out[0, len(token_ids):].tolist()
+
+
+def make_tiny_model(folder, model_type: str, tokenizer, seed: int = 0, **overrides):
+    """A small random-weight Hugging Face model saved as safetensors with a tokenizer."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=len(tokenizer), max_position_embeddings=512,
+                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                 pad_token_id=tokenizer.eos_token_id)
+    shape.update(overrides)
+    config = AutoConfig.for_model(model_type, **shape)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # larger weights than the default init, so greedy picks are not near-ties
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+            elif "bias" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model
