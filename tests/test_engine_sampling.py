@@ -1,0 +1,96 @@
+"""Sampling parameters behave as vLLM's do."""
+import math
+
+import pytest
+
+from cluster import SamplingParams
+from tests.engine_support import CHATS, chat_token_ids
+
+
+def _gen(llm, prompt, **kw):
+    return llm.generate(prompt, SamplingParams(**kw), use_tqdm=False)[0]
+
+
+def test_seeded_sampling_repeats_whatever_the_batch(embedded_llm):
+    kw = dict(temperature=1.0, top_p=0.9, top_k=50, max_tokens=20, seed=1234, ignore_eos=True)
+    a = _gen(embedded_llm, "Write a poem about the sea.", **kw)
+    batch = embedded_llm.generate(["Another prompt entirely", "Write a poem about the sea."],
+                                  SamplingParams(**kw), use_tqdm=False)
+    assert a.outputs[0].token_ids == batch[1].outputs[0].token_ids
+    other = _gen(embedded_llm, "Write a poem about the sea.", **{**kw, "seed": 99})
+    assert other.outputs[0].token_ids != a.outputs[0].token_ids
+
+
+def test_n_choices_with_seed_differ_and_repeat(embedded_llm):
+    kw = dict(n=3, temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)
+    a = _gen(embedded_llm, "My favourite animal is", **kw)
+    b = _gen(embedded_llm, "My favourite animal is", **kw)
+    assert [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) > 1
+
+
+def test_max_and_min_tokens_and_ignore_eos(embedded_llm):
+    out = _gen(embedded_llm, "Hi", temperature=0.0, max_tokens=7, ignore_eos=True).outputs[0]
+    assert len(out.token_ids) == 7 and out.finish_reason == "length"
+    eos = embedded_llm.get_tokenizer().eos_token_id
+    tok = embedded_llm.get_tokenizer()
+    ids = chat_token_ids(tok, CHATS[1])
+    natural = _gen(embedded_llm, {"prompt_token_ids": ids}, temperature=0.0, max_tokens=200).outputs[0]
+    assert natural.finish_reason == "stop" and natural.token_ids[-1] == eos
+    n = len(natural.token_ids)
+    longer = _gen(embedded_llm, {"prompt_token_ids": ids}, temperature=0.0, max_tokens=200, min_tokens=n + 5).outputs[0]
+    assert len(longer.token_ids) >= n + 5 and eos not in longer.token_ids[: n + 4]
+
+
+def test_stop_strings_are_cut_and_stop_token_ids_end(embedded_llm):
+    base = _gen(embedded_llm, "Count: 1, 2, 3,", temperature=0.0, max_tokens=20, ignore_eos=True).outputs[0]
+    assert " 5" in base.text
+    cut = _gen(embedded_llm, "Count: 1, 2, 3,", temperature=0.0, max_tokens=20, stop=[" 5"]).outputs[0]
+    assert cut.finish_reason == "stop" and cut.stop_reason == " 5"
+    assert cut.text == base.text[: base.text.index(" 5")]
+    keep = _gen(embedded_llm, "Count: 1, 2, 3,", temperature=0.0, max_tokens=20, stop=" 5",
+                include_stop_str_in_output=True).outputs[0]
+    assert keep.text == base.text[: base.text.index(" 5") + 2]
+    stop_id = base.token_ids[3]
+    by_id = _gen(embedded_llm, "Count: 1, 2, 3,", temperature=0.0, max_tokens=20, stop_token_ids=[stop_id]).outputs[0]
+    first = base.token_ids.index(stop_id)
+    assert by_id.token_ids == base.token_ids[: first + 1] and by_id.stop_reason == stop_id
+
+
+def test_logprobs_shape_and_values(embedded_llm):
+    out = _gen(embedded_llm, "The sky is", temperature=0.0, max_tokens=5, logprobs=3).outputs[0]
+    assert len(out.logprobs) == 5
+    total = 0.0
+    for token, entry in zip(out.token_ids, out.logprobs):
+        assert token in entry and 3 <= len(entry) <= 4
+        assert entry[token].rank == 1  # greedy picks the top token
+        ranks = sorted(lp.rank for lp in entry.values())
+        assert ranks[:3] == [1, 2, 3]
+        assert all(lp.logprob <= 0 and isinstance(lp.decoded_token, str) for lp in entry.values())
+        total += entry[token].logprob
+    assert math.isclose(out.cumulative_logprob, total, rel_tol=1e-5)
+
+
+def test_penalties_change_repetitive_output(embedded_llm):
+    prompt = "apple apple apple apple apple apple"
+    plain = _gen(embedded_llm, prompt, temperature=0.0, max_tokens=12, ignore_eos=True).outputs[0]
+    penalised = _gen(embedded_llm, prompt, temperature=0.0, max_tokens=12, ignore_eos=True,
+                     repetition_penalty=1.8, frequency_penalty=1.0, presence_penalty=1.0).outputs[0]
+    apple = embedded_llm.get_tokenizer()(" apple").input_ids[-1]
+    assert penalised.token_ids.count(apple) < max(plain.token_ids.count(apple), 1)
+
+
+def test_multibyte_characters_are_never_split(embedded_llm):
+    out = _gen(embedded_llm, "Translate to Japanese: good morning =>", temperature=0.8, seed=3, max_tokens=30)
+    text = out.outputs[0].text
+    assert "\ufffd" not in text
+    tok = embedded_llm.get_tokenizer()
+    assert text == tok.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-1), dict(top_p=0), dict(max_tokens=0),
+                                 dict(logprobs=50), dict(min_tokens=5, max_tokens=2)])
+def test_invalid_sampling_params(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
