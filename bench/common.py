@@ -39,9 +39,10 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
 
 
-def write_result(name: str, device: str, payload: dict) -> Path:
+def write_result(name: str, device: str, payload: dict, model: str | None = None) -> Path:
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     kind = "gpu" if device.startswith("cuda") else "cpu"
-    path = RESULTS_DIR / f"{name}-{kind}-{slug(device_name(device))}.json"
+    model_part = f"-{slug(model)}" if model else ""
+    path = RESULTS_DIR / f"{name}{model_part}-{kind}-{slug(device_name(device))}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

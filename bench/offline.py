@@ -100,6 +100,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None)
     ap.add_argument("--load-format", default="auto")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (dummy models default to the embedded one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--num-prompts", type=int, default=16)
@@ -108,7 +109,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     args = ap.parse_args()
 
-    llm = LLM(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype)
+    llm = LLM(model=args.model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+              tokenizer=args.tokenizer, max_model_len=4096 if args.load_format == "dummy" else None)
     dtype = llm.engine.dtype
     tokenizer = llm.get_tokenizer()
     prompts = chat_prompts(tokenizer, args.num_prompts)
@@ -143,7 +145,7 @@ def main() -> None:
         "ratio": ratio,
         "machine": machine_info(args.device),
     }
-    path = write_result("offline", args.device, result)
+    path = write_result("offline", args.device, result, model=result["model"])
     print(f"\nmodel {result['model']} ({result['dtype']}) on {result['machine']['device']}")
     print(f"{'engine':<14}{'seconds':>10}{'useful tok/s':>14}")
     print(f"{'raylm':<14}{min(ray_times):>10.2f}{ray_tps:>14.1f}")

@@ -53,6 +53,8 @@ class AsyncEngine:
         self._wakeup = threading.Event()
         self._stop = threading.Event()
         self._error: BaseException | None = None
+        self.num_requests = 0  # requests started
+        self.num_aborted = 0  # requests whose consumer left before they finished
         self._thread = threading.Thread(target=self._run, name="raylm-engine-loop", daemon=True)
         self._thread.start()
 
@@ -123,6 +125,7 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             raise
+        self.num_requests += 1
         self._wakeup.set()
         try:
             while True:
@@ -141,6 +144,7 @@ class AsyncEngine:
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished:
+                self.num_aborted += 1
                 self.abort(request_id)
 
     def shutdown(self) -> None:

@@ -28,6 +28,7 @@ class GenerateRequest:
     prompt: str | list[int] | None  # None (or "") when the prompt is the embeds argument
     params: SamplingParams
     prefix_keys: list[str] = field(default_factory=list)  # read by router.routing for affinity
+    echo: bool = False  # the accepted chunk then carries the prompt's text
 
 
 @dataclass
@@ -56,6 +57,7 @@ class GenerateChunk:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     prompt_token_ids: list[int] | None = None
+    prompt_text: str | None = None
     replica_id: str = ""
 
 
@@ -77,17 +79,22 @@ class DeltaTracker:
     def __init__(self, replica_id: str = "") -> None:
         self.replica_id = replica_id
         self._sent: dict[int, tuple[int, int]] = {}  # completion index -> (text chars, tokens)
+        self._done: set[int] = set()  # completions whose finish_reason was sent
         self._first = True
 
     def chunk(self, out: RequestOutput) -> GenerateChunk:
         deltas = []
         for c in out.outputs:
+            if c.index in self._done:  # finished earlier; later outputs repeat it unchanged
+                continue
             n_text, n_ids = self._sent.get(c.index, (0, 0))
             new_ids = c.token_ids[n_ids:]
             new_text = c.text[n_text:]
             if not new_ids and not new_text and c.finish_reason is None:
                 continue
             self._sent[c.index] = (len(c.text), len(c.token_ids))
+            if c.finish_reason is not None:
+                self._done.add(c.index)
             deltas.append(CompletionDelta(
                 index=c.index, text=new_text, token_ids=list(new_ids),
                 logprobs=list(c.logprobs[n_ids:]) if c.logprobs is not None else None,
@@ -166,7 +173,11 @@ class Replica:
         except (ValueError, TypeError) as e:
             yield GenerateChunk(request_id=rid, error=str(e), finished=True, replica_id=self.replica_id)
             return
-        yield GenerateChunk(request_id=rid, accepted=True, replica_id=self.replica_id)
+        prompt_text = None
+        if request.echo and prompt_embeds is None:
+            prompt_text = request.prompt if isinstance(request.prompt, str) else self.engine.tokenizer.decode(
+                list(request.prompt or []), skip_special_tokens=request.params.skip_special_tokens)
+        yield GenerateChunk(request_id=rid, accepted=True, prompt_text=prompt_text, replica_id=self.replica_id)
         tracker = DeltaTracker(self.replica_id)
         try:
             # aclosing: however this generator ends, the engine request is finished or aborted.
@@ -195,6 +206,8 @@ class Replica:
         free = load.get("num_free_blocks") or 0
         load["kv_cache_usage"] = (total - free) / total if total else 0.0
         load["num_streams"] = self.async_engine.num_streams
+        load["num_requests"] = self.async_engine.num_requests
+        load["num_aborted"] = self.async_engine.num_aborted
         load["replica_id"] = self.replica_id
         load["alive"] = self.async_engine.is_alive()
         return load

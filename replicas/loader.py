@@ -112,7 +112,7 @@ def load_model_source(model: str | None, load_format: str, tokenizer: str | None
         config = _preset_config(model) if model else AutoConfig.from_pretrained(embedded_model_dir())
         tok_path = tokenizer or (model if model and os.path.isdir(model) and
                                  glob.glob(os.path.join(model, "tokenizer*")) else embedded_model_dir())
-        name = Path(model).stem if model else EMBEDDED_NAME
+        name = (Path(model).stem if model.endswith(".json") else Path(model).name) if model else EMBEDDED_NAME
         return ModelSource(name, config, AutoTokenizer.from_pretrained(tok_path), None)
 
     folder = embedded_model_dir() if model is None else model

@@ -34,7 +34,7 @@ class ModelRunner:
         self.device, self.dtype = device, dtype
         self.block_size = cfg.block_size
         with torch.device(device):
-            self.model = LlamaForCausalLM(model_cfg).to(dtype)
+            self.model = LlamaForCausalLM(model_cfg).to(device=device, dtype=dtype)
         if source.state_dict is None:
             self.model.init_dummy_weights(cfg.seed)
         else:

@@ -1,6 +1,8 @@
 """Helpers the engine tests share: chat prompts, transformers references, tiny random models."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 CHATS = [
@@ -8,6 +10,15 @@ CHATS = [
     "When is the day longest during the year?",
     "Where is bigger, the moon or the sun?",
 ]
+
+
+def embedded_tokenizer():
+    """The embedded default's tokenizer (RAYLM_TOKENIZER_DIR points elsewhere on machines without the model)."""
+    from transformers import AutoTokenizer
+
+    from replicas.loader import embedded_model_dir
+
+    return AutoTokenizer.from_pretrained(os.environ.get("RAYLM_TOKENIZER_DIR") or embedded_model_dir())
 
 
 def chat_token_ids(tokenizer, text: str) -> list[int]:

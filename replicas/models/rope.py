@@ -11,7 +11,7 @@ def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     rope_type = params.get("rope_type", "default")
     if rope_type == "default":
         base = params.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
         return inv_freq, 1.0
     return ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
 
@@ -21,8 +21,9 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, hf_config, head_dim: int, max_positions: int):
         super().__init__()
-        inv_freq, scaling = rope_inv_freq(hf_config, head_dim)
-        positions = torch.arange(max_positions, dtype=torch.int64).float()
+        inv_freq, scaling = rope_inv_freq(hf_config, head_dim)  # built on the CPU; the runner moves the model
+        inv_freq = inv_freq.to("cpu", torch.float32)
+        positions = torch.arange(max_positions, dtype=torch.int64, device="cpu").float()
         freqs = positions[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
