@@ -1,0 +1,444 @@
+"""router/embeds.py: untrusted prompt embeds are decoded safely, once, into numpy arrays."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import pickle
+import struct
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+from router.embeds import (
+    EmbedsError,
+    decode_base64_embeds,
+    decode_embeds_entry,
+    decode_raw_embeds,
+    decode_torch_save_bytes,
+)
+
+HIDDEN = 8
+CAP = 1 << 20  # 1 MiB of tensor data
+
+
+def b64_of(obj, **save_kwargs) -> str:
+    buf = io.BytesIO()
+    torch.save(obj, buf, **save_kwargs)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def decode(b64: str, max_bytes: int = CAP) -> np.ndarray:
+    return decode_base64_embeds(b64, hidden_size=HIDDEN, max_bytes=max_bytes)
+
+
+def refused(b64: str, status: int = 400, max_bytes: int = CAP) -> str:
+    with pytest.raises(EmbedsError) as info:
+        decode(b64, max_bytes)
+    assert info.value.status == status, str(info.value)
+    return str(info.value)
+
+
+# --- hand-made torch.save archives, for payloads torch.save would never write -------------------
+
+def archive(pickle_bytes: bytes, records: dict[str, bytes] | None = None,
+            compression: int = zipfile.ZIP_STORED) -> bytes:
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression) as z:
+        z.writestr("archive/data.pkl", pickle_bytes)
+        z.writestr("archive/byteorder", "little")
+        for name, data in (records or {}).items():
+            z.writestr(f"archive/data/{name}", data)
+        z.writestr("archive/version", "3\n")
+    return out.getvalue()
+
+
+def rewrite_pickle(raw: bytes, old: bytes, new: bytes) -> bytes:
+    """A torch.save archive whose data.pkl has `old` replaced by `new`."""
+    source, out = zipfile.ZipFile(io.BytesIO(raw)), io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as z:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if info.filename.endswith("data.pkl"):
+                assert old in data
+                data = data.replace(old, new)
+            z.writestr(info.filename, data)
+    return out.getvalue()
+
+
+def saved(t: torch.Tensor) -> bytes:
+    buf = io.BytesIO()
+    torch.save(t, buf)
+    return buf.getvalue()
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def pickle_str(s: str) -> bytes:
+    b = s.encode()
+    return b"X" + struct.pack("<I", len(b)) + b
+
+
+def pickle_int(n: int) -> bytes:
+    if 0 <= n < 2**31:
+        return b"J" + struct.pack("<i", n)
+    b = n.to_bytes(9, "little", signed=True)
+    return b"\x8a" + bytes([len(b)]) + b  # LONG1
+
+
+# --- valid tensors ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_float32_bfloat16_float64_become_float32(dtype):
+    t = torch.randn(5, HIDDEN).to(dtype)
+    out = decode(b64_of(t))
+    assert out.dtype == np.float32 and out.shape == (5, HIDDEN)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, t.to(torch.float32).numpy())
+
+
+def test_float16_stays_float16():
+    t = torch.randn(4, HIDDEN).to(torch.float16)
+    out = decode(b64_of(t))
+    assert out.dtype == np.float16 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, t.numpy())
+
+
+def test_rank3_with_leading_one_is_squeezed():
+    t = torch.randn(1, 6, HIDDEN)
+    out = decode(b64_of(t))
+    assert out.shape == (6, HIDDEN)
+    np.testing.assert_array_equal(out, t[0].numpy())
+
+
+def test_embedding_layer_output_with_grad_is_accepted():
+    """What the spec's clients send: embedding_layer(token_ids).squeeze(0), grad attached."""
+    layer = torch.nn.Embedding(32, HIDDEN)
+    t = layer(torch.tensor([[3, 1, 4, 1, 5]])).squeeze(0)
+    assert t.requires_grad
+    np.testing.assert_array_equal(decode(b64_of(t)), t.detach().numpy())
+
+
+def test_noncontiguous_view_of_larger_storage_is_copied_compactly():
+    base = torch.randn(10, 2 * HIDDEN)
+    view = base[2:5, ::2]
+    out = decode(b64_of(view))
+    np.testing.assert_array_equal(out, view.numpy())
+    assert out.flags.c_contiguous and out.nbytes == 3 * HIDDEN * 4
+
+
+def test_decode_embeds_entry_dispatches_on_wire_form():
+    t = torch.randn(2, HIDDEN)
+    raw = saved(t)
+    kw = dict(hidden_size=HIDDEN, max_bytes=CAP)
+    np.testing.assert_array_equal(decode_embeds_entry(b64(raw), **kw), t.numpy())
+    np.testing.assert_array_equal(decode_embeds_entry(raw, **kw), t.numpy())
+    entry = {"dtype": "float32", "shape": [2, HIDDEN], "data": t.numpy().tobytes()}
+    np.testing.assert_array_equal(decode_embeds_entry(entry, **kw), t.numpy())
+    with pytest.raises(EmbedsError) as info:
+        decode_embeds_entry(12, **kw)
+    assert info.value.status == 400
+
+
+# --- shape, dtype and value errors --------------------------------------------------------------
+
+def test_wrong_hidden_size_names_expected_shape():
+    msg = refused(b64_of(torch.randn(3, HIDDEN + 1)))
+    assert f"(seq_len, {HIDDEN})" in msg and f"(3, {HIDDEN + 1})" in msg
+
+
+@pytest.mark.parametrize("shape", [(HIDDEN,), (1, 1, 3, HIDDEN), (2, 3, HIDDEN)])
+def test_rank1_rank4_and_batched_rank3_are_refused(shape):
+    msg = refused(b64_of(torch.randn(*shape)))
+    assert "(seq_len, hidden_size)" in msg and str(shape) in msg
+
+
+def test_empty_sequence_is_refused():
+    assert "empty" in refused(b64_of(torch.zeros(0, HIDDEN)))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool,
+                                   torch.complex64])
+def test_integer_bool_and_complex_dtypes_are_refused(dtype):
+    msg = refused(b64_of(torch.zeros(3, HIDDEN, dtype=dtype)))
+    assert "float32, bfloat16, float16 or float64" in msg
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_nan_and_inf_are_refused(value):
+    t = torch.randn(3, HIDDEN)
+    t[1, 2] = value
+    assert "NaN or infinite" in refused(b64_of(t))
+
+
+def test_float64_overflowing_float32_is_refused():
+    assert "NaN or infinite" in refused(b64_of(torch.full((2, HIDDEN), 1e300, dtype=torch.float64)))
+
+
+# --- not a plain dense tensor -------------------------------------------------------------------
+
+@pytest.mark.parametrize("to_sparse", [
+    lambda t: t.to_sparse(),
+    lambda t: t.to_sparse_csr(),
+    lambda t: t.to_sparse_csc(),
+    lambda t: t.to_sparse_bsr((2, 2)),
+    lambda t: t.to_sparse_bsc((2, 2)),
+], ids=["coo", "csr", "csc", "bsr", "bsc"])
+def test_sparse_layouts_are_refused(to_sparse):
+    t = torch.zeros(4, HIDDEN)
+    t[1, 3] = 1.0
+    assert "sparse" in refused(b64_of(to_sparse(t)))
+
+
+def test_huge_sparse_tensor_is_refused_without_densifying():
+    # Dense it would be 2**24 x 8 float32 = 512 MiB; sparse it is a few hundred bytes. Densifying
+    # would blow far past the 1 MiB cap; the refusal must come from the layout, not memory.
+    indices = torch.tensor([[0, 2**24 - 1], [0, HIDDEN - 1]])
+    t = torch.sparse_coo_tensor(indices, torch.tensor([1.0, 2.0]), (2**24, HIDDEN))
+    payload = b64_of(t)
+    assert len(payload) < 4096
+    assert "sparse" in refused(payload)
+
+
+def test_quantized_and_nested_tensors_are_refused():
+    q = torch.quantize_per_tensor(torch.zeros(3, HIDDEN), 0.1, 0, torch.qint8)
+    assert "quantized" in refused(b64_of(q))
+    nested = torch.nested.nested_tensor([torch.zeros(3, HIDDEN), torch.zeros(2, HIDDEN)])
+    assert "nested" in refused(b64_of(nested))
+
+
+@pytest.mark.parametrize("obj", [{"prompt_embeds": torch.zeros(3, HIDDEN)}, [torch.zeros(3, HIDDEN)],
+                                 (torch.zeros(3, HIDDEN),), 42, "text"],
+                         ids=["dict", "list", "tuple", "int", "str"])
+def test_containers_and_non_tensors_are_refused(obj):
+    assert "must be a torch.Tensor" in refused(b64_of(obj))
+
+
+# --- payloads that try to run code --------------------------------------------------------------
+
+class WritesMarker:
+    marker = ""
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class ExecsMarker:
+    marker = ""
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+@pytest.mark.parametrize("payload_class", [WritesMarker, ExecsMarker])
+def test_pickle_that_would_run_code_is_refused_and_does_not_run(tmp_path, payload_class):
+    marker = tmp_path / "code-ran"
+    payload_class.marker = str(marker)
+    in_archive = b64_of({"x": payload_class()})  # a torch.save archive carrying the object
+    bare = b64(pickle.dumps(payload_class()))   # a bare pickle, not an archive at all
+    legacy = b64_of(payload_class(), _use_new_zipfile_serialization=False)
+    for payload in (in_archive, bare, legacy):
+        refused(payload)
+        assert not marker.exists()
+    # The payloads are live: unpickling the bare one without our guard would run the code.
+    pickle.loads(base64.b64decode(bare))
+    assert marker.exists()
+
+
+def test_pickle_with_stack_global_is_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    WritesMarker.marker = str(marker)
+    refused(b64(archive(pickle.dumps(WritesMarker(), protocol=4))))
+    assert not marker.exists()
+
+
+# --- size caps, checked before anything large is allocated --------------------------------------
+
+def test_base64_text_over_cap_is_413_before_decoding():
+    # Not even valid base64: a 413 proves the length was checked before decoding.
+    msg = refused("!" * (8 * CAP), status=413)
+    assert "base64" in msg
+
+
+def test_real_tensor_over_cap_is_413():
+    t = torch.zeros(CAP // (4 * HIDDEN) + 1, HIDDEN)
+    refused(b64_of(t), status=413)
+    assert decode(b64_of(t), max_bytes=2 * CAP).shape == t.shape
+
+
+def test_zip_bomb_record_declaring_huge_size_is_413():
+    # A deflated record: 64 MiB of zeros in about 64 KiB. torch.save never compresses, and the
+    # declared uncompressed size is refused from the zip directory before anything is read.
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("archive/data.pkl", b"\x80\x02.")
+        with z.open("archive/data/0", "w", force_zip64=True) as record:
+            chunk = bytes(1 << 20)
+            for _ in range(64):
+                record.write(chunk)
+    payload = out.getvalue()
+    assert len(payload) < 1 << 20
+    assert "declared tensor storage" in refused(b64(payload), status=413)
+
+
+def test_zero_stride_tensor_declaring_a_terabyte_is_413_without_allocating():
+    # torch.load happily rebuilds a (2**20, 2**20) float32 view over a 64-byte storage with
+    # zero strides; making it contiguous would allocate 4 TiB. The declared shape is refused.
+    raw = saved(torch.zeros(2, HIDDEN))
+    size_stride = b"K\x00K\x02K\x08\x86q\x06K\x08K\x01\x86"  # offset 0, size (2, 8), stride (8, 1)
+    huge = b"K\x00" + pickle_int(2**20) + pickle_int(2**20) + b"\x86q\x06K\x00K\x00\x86"
+    payload = b64(rewrite_pickle(raw, size_stride, huge))
+    assert len(payload) < 4096
+    msg = refused(payload, status=413)
+    assert "(1048576, 1048576)" in msg
+
+
+def test_storage_numel_larger_than_its_record_is_refused():
+    # The pickle claims a 2**30-element storage for a 64-byte record.
+    raw = saved(torch.zeros(2, HIDDEN))
+    numel = b"X\x03\x00\x00\x00cpuq\x04K\x10t"
+    assert "could not be loaded" in refused(b64(rewrite_pickle(
+        raw, numel, b"X\x03\x00\x00\x00cpuq\x04J\x00\x00\x00\x40t")))
+
+
+def test_bytearray_allocation_bomb_is_refused_before_loading():
+    # weights_only=True allows builtins.bytearray: this 300-byte pickle would make torch.load
+    # allocate (and zero) 1 TiB. It is refused by the allow-list scan before torch.load runs.
+    p = b"\x80\x02cbuiltins\nbytearray\n(" + pickle_int(2**40) + b"tR."
+    assert "builtins.bytearray" in refused(b64(archive(p)))
+
+
+def test_quantized_allocation_bomb_is_refused_before_loading():
+    # _rebuild_qtensor allocates its declared size before attaching the (tiny) storage.
+    p = (b"\x80\x02ctorch._utils\n_rebuild_qtensor\n(("
+         + pickle_str("storage") + b"ctorch\nQInt8Storage\n" + pickle_str("0") + pickle_str("cpu")
+         + pickle_int(4) + b"tQ" + pickle_int(0)
+         + b"(" + pickle_int(2**40) + pickle_int(HIDDEN) + b"t(" + pickle_int(0) + pickle_int(0)
+         + b"t(ctorch\nper_tensor_affine\nG" + struct.pack(">d", 1.0) + pickle_int(0) + b"t"
+         + b"\x89ccollections\nOrderedDict\n)RtR.")
+    payload = b64(archive(p, {"0": bytes(4)}))
+    assert "quantized" in refused(payload)
+
+
+# --- garbage ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("payload", [
+    "not base64 at all!",
+    "QUJD",                                   # valid base64 of b"ABC": not a zip
+    b64(b"PK\x03\x04" + bytes(100)),          # a zip signature and nothing else
+    b64(archive(b"\x80\x02garbage")),         # a zip whose pickle is garbage
+    b64(archive(b"")),                        # an empty pickle
+    "",
+], ids=["not-base64", "not-zip", "zip-signature", "bad-pickle", "empty-pickle", "empty"])
+def test_garbage_is_a_400(payload):
+    refused(payload)
+
+
+def test_non_string_payload_is_a_400():
+    with pytest.raises(EmbedsError) as info:
+        decode_base64_embeds(123, hidden_size=HIDDEN, max_bytes=CAP)
+    assert info.value.status == 400
+
+
+def test_torch_save_bytes_over_cap_are_413():
+    raw = saved(torch.zeros(4, HIDDEN))
+    with pytest.raises(EmbedsError) as info:
+        decode_torch_save_bytes(raw + bytes(200_000), hidden_size=HIDDEN, max_bytes=1024)
+    assert info.value.status == 413
+
+
+# --- msgpack raw entries ------------------------------------------------------------------------
+
+def raw_entry(array: np.ndarray, dtype: str) -> dict:
+    return {"dtype": dtype, "shape": list(array.shape), "data": array.tobytes()}
+
+
+def decode_raw(entry, max_bytes: int = CAP) -> np.ndarray:
+    return decode_raw_embeds(entry, hidden_size=HIDDEN, max_bytes=max_bytes)
+
+
+def test_raw_float32_round_trips():
+    a = np.random.default_rng(0).standard_normal((5, HIDDEN)).astype(np.float32)
+    out = decode_raw(raw_entry(a, "float32"))
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, a)
+
+
+def test_raw_float16_stays_float16():
+    a = np.random.default_rng(1).standard_normal((3, HIDDEN)).astype(np.float16)
+    out = decode_raw(raw_entry(a, "float16"))
+    assert out.dtype == np.float16
+    np.testing.assert_array_equal(out, a)
+
+
+def test_raw_bfloat16_becomes_exact_float32():
+    t = torch.randn(4, HIDDEN).to(torch.bfloat16)
+    entry = {"dtype": "bfloat16", "shape": [4, HIDDEN],
+             "data": t.view(torch.uint16).numpy().tobytes()}
+    out = decode_raw(entry)
+    assert out.dtype == np.float32 and out.flags.c_contiguous
+    np.testing.assert_array_equal(out, t.to(torch.float32).numpy())
+
+
+def test_raw_bfloat16_known_bits():
+    bits = np.array([0x3F80, 0xC000, 0x0000, 0x3E80] * 2, dtype="<u2")  # 1, -2, 0, 0.25
+    out = decode_raw({"dtype": "bfloat16", "shape": [1, HIDDEN], "data": bits.tobytes()})
+    np.testing.assert_array_equal(out[0], [1.0, -2.0, 0.0, 0.25] * 2)
+
+
+def test_raw_rank3_is_squeezed():
+    a = np.ones((1, 2, HIDDEN), dtype=np.float32)
+    assert decode_raw(raw_entry(a, "float32")).shape == (2, HIDDEN)
+
+
+def test_raw_over_cap_is_413_from_the_shape_alone():
+    # A few bytes of data declaring a 2**40-row tensor: refused from the shape, nothing allocated.
+    entry = {"dtype": "float32", "shape": [2**40, HIDDEN], "data": b"\0" * 32}
+    with pytest.raises(EmbedsError) as info:
+        decode_raw(entry)
+    assert info.value.status == 413
+
+
+GOOD = {"dtype": "float32", "shape": [2, HIDDEN], "data": bytes(2 * HIDDEN * 4)}
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("not a map", "must be a map"),
+    ([1, 2], "must be a map"),
+    ({k: v for k, v in GOOD.items() if k != "data"}, "missing ['data']"),
+    ({k: v for k, v in GOOD.items() if k != "shape"}, "missing ['shape']"),
+    ({k: v for k, v in GOOD.items() if k != "dtype"}, "missing ['dtype']"),
+    ({**GOOD, "extra": 1}, "unexpected ['extra']"),
+    ({**GOOD, "dtype": "float64"}, "dtype must be one of"),
+    ({**GOOD, "dtype": "int32"}, "dtype must be one of"),
+    ({**GOOD, "dtype": b"float32"}, "dtype must be one of"),
+    ({**GOOD, "dtype": None}, "dtype must be one of"),
+    ({**GOOD, "shape": "2,8"}, "list of integers"),
+    ({**GOOD, "shape": []}, "list of integers"),
+    ({**GOOD, "shape": [2.0, HIDDEN]}, "list of integers"),
+    ({**GOOD, "shape": [True, HIDDEN]}, "list of integers"),
+    ({**GOOD, "shape": [None, HIDDEN]}, "list of integers"),
+    ({**GOOD, "shape": [0, HIDDEN], "data": b""}, "must be > 0"),
+    ({**GOOD, "shape": [-2, HIDDEN]}, "must be > 0"),
+    ({**GOOD, "shape": [2 * HIDDEN]}, "(seq_len, hidden_size)"),
+    ({**GOOD, "shape": [1, 1, 2, HIDDEN]}, "(seq_len, hidden_size)"),
+    ({**GOOD, "shape": [2, 1, HIDDEN]}, "(seq_len, hidden_size)"),
+    ({**GOOD, "shape": [HIDDEN, 2]}, f"(seq_len, {HIDDEN})"),
+    ({**GOOD, "data": "text, not bytes"}, "must be binary"),
+    ({**GOOD, "data": [0] * 64}, "must be binary"),
+    ({**GOOD, "data": bytes(2 * HIDDEN * 4 - 1)}, "needs 64 bytes"),
+    ({**GOOD, "data": bytes(2 * HIDDEN * 4 + 4)}, "needs 64 bytes"),
+    ({**GOOD, "data": np.full((2, HIDDEN), np.nan, np.float32).tobytes()}, "NaN or infinite"),
+    ({**GOOD, "dtype": "bfloat16", "data": b"\x80\x7f" * (2 * HIDDEN)}, "NaN or infinite"),
+    ({**GOOD, "dtype": "float16", "data": np.full((2, HIDDEN), np.inf, np.float16).tobytes()},
+     "NaN or infinite"),
+], ids=lambda v: v if isinstance(v, str) and len(v) < 30 else None)
+def test_raw_malformed_entries_are_400(entry, words):
+    with pytest.raises(EmbedsError) as info:
+        decode_raw(entry)
+    assert info.value.status == 400
+    assert words in str(info.value), str(info.value)
