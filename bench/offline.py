@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,9 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import machine_info, write_result  # noqa: E402
+from bench.machine import device_name, machine, slug, versions  # noqa: E402
 from cluster import LLM, SamplingParams  # noqa: E402
 
+RESULTS = Path(__file__).resolve().parent / "results"
 TOPICS = ["the capital of France", "photosynthesis", "the moon landing", "how rainbows form", "black holes",
           "the Roman empire", "machine learning", "volcanoes", "the water cycle", "honey bees",
           "the printing press", "jazz music", "plate tectonics", "the immune system", "chess openings",
@@ -143,10 +145,15 @@ def main() -> None:
         "raylm_tokens_per_s": ray_tps,
         "transformers_tokens_per_s": hf_tps,
         "ratio": ratio,
-        "machine": machine_info(args.device),
+        "device": device_name(),
+        "torch_threads": torch.get_num_threads(),
+        "machine": machine(),
+        "versions": versions(),
     }
-    path = write_result("offline", args.device, result, model=result["model"])
-    print(f"\nmodel {result['model']} ({result['dtype']}) on {result['machine']['device']}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"offline-{slug(result['model'])}-{slug(result['device'])}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nmodel {result['model']} ({result['dtype']}) on {result['device']}")
     print(f"{'engine':<14}{'seconds':>10}{'useful tok/s':>14}")
     print(f"{'raylm':<14}{min(ray_times):>10.2f}{ray_tps:>14.1f}")
     print(f"{'transformers':<14}{min(hf_times):>10.2f}{hf_tps:>14.1f}")
