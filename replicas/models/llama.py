@@ -14,6 +14,16 @@ from replicas.config import ModelConfig
 from replicas.models.rope import RotaryEmbedding, apply_rope
 
 
+def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
+    """nn.Linear, but a few rows on the CPU go through `weight @ x.T`: MKL's kernel for that layout
+    ran 1.3-3x faster for 2-8 rows against these weight shapes (2-core EPYC, torch 2.13)."""
+    bias = getattr(layer, "bias", None)  # the tied head is an nn.Embedding
+    if x.device.type == "cpu" and 1 < x.shape[0] <= 8:
+        out = torch.mm(layer.weight, x.t()).t()
+        return out + bias if bias is not None else out
+    return F.linear(x, layer.weight, bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -38,13 +48,13 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim ** -0.5
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk, v = linear(x, self.qkv_proj).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # Queries and keys rotate together: one pass over [T, H + Hkv, D].
         qk = apply_rope(qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)
-        return self.o_proj(out.reshape(-1, self.q_size))
+        return linear(out.reshape(-1, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):
@@ -55,8 +65,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = linear(x, self.gate_up_proj).split(self.intermediate, dim=-1)
+        return linear(F.silu(gate) * up, self.down_proj)
 
 
 class DecoderLayer(nn.Module):
@@ -98,8 +108,8 @@ class LlamaForCausalLM(nn.Module):
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        head = self.lm_head if self.lm_head is not None else self.embed_tokens
+        return linear(hidden, head).float()
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face parameter names, fusing q/k/v and gate/up projections."""
