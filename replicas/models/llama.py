@@ -14,14 +14,23 @@ from replicas.config import ModelConfig
 from replicas.models.rope import RotaryEmbedding, apply_rope
 
 
-def linear(x: torch.Tensor, layer: nn.Linear) -> torch.Tensor:
-    """nn.Linear, but a few rows on the CPU go through `weight @ x.T`: MKL's kernel for that layout
-    ran 1.3-3x faster for 2-8 rows against these weight shapes (2-core EPYC, torch 2.13)."""
+# Row counts at which MKL's `weight @ x.T` kernel ran fastest for a few rows (2-core EPYC,
+# torch 2.13, SmolLM2 shapes, weights streamed from memory): 1 row takes a single-threaded
+# GEMV and 9-15 rows a slow path, so those are padded up. Larger batches keep F.linear.
+_CPU_PADDED_ROWS = [0, 2, 2, 3, 4, 5, 6, 7, 8] + [16] * 8 + [32] * 16 + [48] * 16
+
+
+def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """nn.Linear's math; on the CPU, decode-sized batches take the faster `weight @ x.T` layout."""
     bias = getattr(layer, "bias", None)  # the tied head is an nn.Embedding
-    if x.device.type == "cpu" and 1 < x.shape[0] <= 8:
-        out = torch.mm(layer.weight, x.t()).t()
-        return out + bias if bias is not None else out
-    return F.linear(x, layer.weight, bias)
+    rows = x.shape[0]
+    if x.device.type != "cpu" or rows >= len(_CPU_PADDED_ROWS):
+        return F.linear(x, layer.weight, bias)
+    padded = _CPU_PADDED_ROWS[rows]
+    if padded != rows:
+        x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
+    out = torch.mm(layer.weight, x.t()).t()[:rows]
+    return out + bias if bias is not None else out
 
 
 class RMSNorm(nn.Module):
