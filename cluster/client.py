@@ -1,0 +1,122 @@
+"""Python handles on a running raylm application, for `ray.get` users.
+
+    from cluster import connect, SamplingParams
+    client = connect()                                   # the "raylm" app on the current cluster
+    ref = client.submit({"prompt_embeds": ray.put(t)}, SamplingParams(max_tokens=16))
+    out = ray.get(ref)                                   # a RequestOutput
+
+Requests go straight to the `Replica` deployment through a Serve handle, so they are routed by
+the same PrefixAffinityRouter as HTTP requests. Prompt embeds travel as a top-level argument:
+an ObjectRef you `ray.put` once is resolved by Ray on the replica's node (zero-copy for numpy).
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import ray
+from ray import serve
+
+from replicas.deployment import CompletionDelta, GenerateRequest
+from replicas.outputs import RequestOutput
+from replicas.sampling_params import SamplingParams
+from router.routing import prefix_keys
+
+DEFAULT_APP_NAME = "raylm"  # cluster.app's default application name
+REPLICA_DEPLOYMENT = "Replica"
+
+
+def _split_prompt(prompt: Any) -> tuple[str | list[int] | None, Any]:
+    """(text or token ids, embeds) of a prompt in any of the offline LLM's forms."""
+    if isinstance(prompt, str):
+        return prompt, None
+    if isinstance(prompt, dict):
+        if "prompt_embeds" in prompt:
+            return None, prompt["prompt_embeds"]
+        if "prompt_token_ids" in prompt:
+            return list(prompt["prompt_token_ids"]), None
+        if "prompt" in prompt:
+            return prompt["prompt"], None
+        raise ValueError("a prompt dict needs one of 'prompt', 'prompt_token_ids', 'prompt_embeds'")
+    if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        return list(prompt), None
+    raise ValueError(f"unsupported prompt type {type(prompt).__name__}")
+
+
+def _embeds_arg(embeds: Any) -> Any:
+    """What travels to the replica: an ObjectRef as is, a torch tensor as a numpy array."""
+    if embeds is None or isinstance(embeds, (ray.ObjectRef, np.ndarray)):
+        return embeds
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return embeds
+    if isinstance(embeds, torch.Tensor):
+        t = embeds.detach().cpu()
+        if t.dtype == torch.bfloat16:  # numpy has no bfloat16
+            t = t.float()
+        return t.numpy()
+    return embeds
+
+
+@dataclass
+class Client:
+    app_name: str
+    handle: Any  # DeploymentHandle of the Replica deployment
+
+    def _request(self, prompt: Any, params: SamplingParams | None, request_id: str | None):
+        text, embeds = _split_prompt(prompt)
+        embeds = _embeds_arg(embeds)
+        keys = prefix_keys(text, embeds if isinstance(embeds, np.ndarray) else None)
+        req = GenerateRequest(request_id=request_id or f"client-{uuid.uuid4().hex}", prompt=text,
+                              params=params or SamplingParams(), prefix_keys=keys)
+        return req, embeds
+
+    def submit(self, prompt: Any, params: SamplingParams | None = None, *,
+               request_id: str | None = None) -> ray.ObjectRef:
+        """Send one prompt; `ray.get` of the returned ref is its finished RequestOutput."""
+        req, embeds = self._request(prompt, params, request_id)
+        return self.handle.complete.remote(req, embeds)._to_object_ref_sync()
+
+    def generate(self, prompts: Any, params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, timeout: float | None = None) -> list[RequestOutput]:
+        """Outputs of every prompt, in input order (one prompt or a list of them)."""
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)):
+            prompts = [prompts]
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        return ray.get([self.submit(p, sp) for p, sp in zip(prompts, plist)], timeout=timeout)
+
+    def stream(self, prompt: Any, params: SamplingParams | None = None, *,
+               request_id: str | None = None) -> Iterator[CompletionDelta]:
+        """Yield the new text/tokens of each completion as they are generated."""
+        req, embeds = self._request(prompt, params, request_id)
+        gen = self.handle.options(stream=True).generate.remote(req, embeds)
+        finished = False
+        try:
+            for chunk in gen:
+                if chunk.error is not None:
+                    raise ValueError(chunk.error)
+                yield from chunk.deltas
+                finished = chunk.finished
+        finally:
+            if not finished:
+                gen.cancel()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request by id (any replica that runs it frees its KV blocks)."""
+        self.handle.abort.remote(request_id)
+
+    def model_info(self):
+        return self.handle.model_info.remote().result()
+
+
+def connect(app_name: str = DEFAULT_APP_NAME, address: str | None = None) -> Client:
+    """A client for the raylm application `app_name` on the current (or given) Ray cluster."""
+    if not ray.is_initialized():
+        ray.init(address=address or "auto")
+    return Client(app_name, serve.get_deployment_handle(REPLICA_DEPLOYMENT, app_name=app_name))

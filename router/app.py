@@ -1,0 +1,399 @@
+"""The HTTP face: a FastAPI ingress deployment speaking OpenAI's completions API (vLLM's flavour).
+
+Per request: parse (JSON or msgpack), validate, decode embeds ONCE and `ray.put` them, send
+each prompt to a replica (router.routing), and answer as JSON, msgpack or SSE.
+"""
+# No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations
+# (`request: Request`) at runtime, through Serve's ingress wrapper class.
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import AsyncIterator
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from replicas.deployment import GenerateChunk, GenerateRequest, ModelInfo
+from router import errors
+from router.embeds import EmbedsError, decode_base64_embeds, decode_raw_embeds
+from router.errors import APIError, bad_request, unavailable
+from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from router.metrics import Metrics
+from router.msgpack_codec import MSGPACK_CONTENT_TYPE, MsgpackBodyError, decode_msgpack_body, encode_msgpack_response
+from router.responses import Choice, CompletionHeader, usage
+from router.routing import prefix_keys, request_router_of, stream_prompt
+from router.schemas import CompletionRequest
+
+logger = logging.getLogger(__name__)
+
+app = FastAPI(title="raylm", docs_url=None, redoc_url=None, openapi_url=None)
+errors.install(app)
+
+_MSGPACK_TYPES = {MSGPACK_CONTENT_TYPE, "application/x-msgpack", "application/vnd.msgpack"}
+
+
+@dataclass
+class PromptJob:
+    """One prompt of an HTTP request, sent to one replica."""
+
+    index: int  # position among the request's prompts (embeds first)
+    request: GenerateRequest
+    embeds_ref: ray.ObjectRef | None
+    choices: list[Choice]
+    stream: AsyncIterator[GenerateChunk] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    first_token_at: float | None = None
+    last_token_at: float | None = None
+    pending: list[GenerateChunk] = field(default_factory=list)
+
+
+def _sse_event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _cancel(tasks: list[asyncio.Task]) -> None:
+    for t in tasks:
+        t.cancel()
+    if tasks:
+        await asyncio.wait(tasks)
+
+
+async def _close(jobs: list[PromptJob]) -> None:
+    for j in jobs:
+        if j.stream is not None:
+            try:
+                await j.stream.aclose()
+            except Exception:  # noqa: BLE001 - closing a failed stream must not mask the real error
+                pass
+
+
+@serve.ingress(app)
+class Router:
+    def __init__(self, replicas, api_key: str | None = None, served_model_name: str | list[str] | None = None,
+                 max_body_bytes: int = 256 * 1024 * 1024, max_embeds_bytes: int | None = None,
+                 max_prompts: int = 1024) -> None:
+        self.replicas = replicas
+        self.api_key = api_key or os.environ.get("RAYLM_API_KEY") or None
+        names = served_model_name or []
+        self.extra_model_names = [names] if isinstance(names, str) else list(names)
+        self.max_body_bytes = max_body_bytes
+        self.max_embeds_bytes = max_embeds_bytes
+        self.max_prompts = max_prompts
+        self.metrics = Metrics(self._replica_stats)
+        self._info: ModelInfo | None = None
+        self._info_lock: asyncio.Lock | None = None
+
+    # -- shared state -------------------------------------------------------------------------
+    def _replica_stats(self) -> dict[str, dict]:
+        r = request_router_of(self.replicas)
+        return r.replica_stats() if r is not None else {}
+
+    async def _model_info(self) -> ModelInfo:
+        if self._info is None:
+            self._info_lock = self._info_lock or asyncio.Lock()
+            async with self._info_lock:
+                if self._info is None:
+                    try:
+                        self._info = await asyncio.wait_for(self.replicas.model_info.remote(), timeout=60)
+                    except (asyncio.TimeoutError, ray.exceptions.RayError, serve.exceptions.RayServeException):
+                        raise unavailable("no replica answered; the model may still be loading") from None
+        return self._info
+
+    def _model_names(self, info: ModelInfo) -> list[str]:
+        return [info.name] + [n for n in self.extra_model_names if n != info.name]
+
+    def _check_auth(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise APIError("invalid or missing API key", 401, code="invalid_api_key")
+
+    # -- request body -------------------------------------------------------------------------
+    async def _read_body(self, request: Request) -> dict:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise APIError(f"request body is {declared} bytes, the limit is {self.max_body_bytes}", 413)
+        parts, size = [], 0
+        async for part in request.stream():
+            size += len(part)
+            if size > self.max_body_bytes:
+                raise APIError(f"request body exceeds the limit of {self.max_body_bytes} bytes", 413)
+            parts.append(part)
+        raw = b"".join(parts)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype in _MSGPACK_TYPES:
+            try:
+                return decode_msgpack_body(raw, self.max_body_bytes)
+            except MsgpackBodyError as e:
+                raise APIError(e.message, e.status) from None
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise bad_request("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise bad_request(f"request body must be a JSON object, got {type(body).__name__}")
+        return body
+
+    # -- turning a request into prompt jobs ---------------------------------------------------
+    def _decode_embeds(self, entries: list, info: ModelInfo) -> list[tuple[list[str], ray.ObjectRef]]:
+        """(prefix keys, object-store ref) of each embeds entry; runs in a worker thread."""
+        cap = self.max_embeds_bytes or info.max_model_len * info.hidden_size * 4
+        arrays = []
+        for i, e in enumerate(entries):
+            try:
+                if isinstance(e, str):
+                    arr = decode_base64_embeds(e, hidden_size=info.hidden_size, max_bytes=cap)
+                elif isinstance(e, (bytes, bytearray)):  # msgpack bin: torch.save bytes, no base64
+                    arr = decode_base64_embeds(base64.b64encode(e).decode("ascii"),
+                                               hidden_size=info.hidden_size, max_bytes=cap)
+                else:
+                    arr = decode_raw_embeds(e, hidden_size=info.hidden_size, max_bytes=cap)
+            except EmbedsError as err:
+                raise APIError(f"prompt_embeds[{i}]: {err.message}", err.status, param="prompt_embeds") from None
+            if arr.shape[0] > info.max_model_len:
+                raise APIError(f"prompt_embeds[{i}] has {arr.shape[0]} rows, more than max_model_len "
+                               f"({info.max_model_len})", 400, param="prompt_embeds")
+            arrays.append(arr)
+        return [(prefix_keys(None, arr), ray.put(arr)) for arr in arrays]
+
+    async def _jobs(self, req: CompletionRequest, info: ModelInfo, request_id: str) -> list[PromptJob]:
+        if req.suffix:
+            raise bad_request("suffix is not supported", "suffix")
+        if req.best_of is not None and req.best_of != req.n:
+            raise bad_request("best_of must equal n (beam search is not supported)", "best_of")
+        if req.logit_bias:
+            raise bad_request("logit_bias is not supported", "logit_bias")
+        try:
+            params = req.sampling_params()
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e)) from None
+        texts, embeds = req.text_prompts(), req.embeds_entries()
+        if not texts and not embeds:
+            raise bad_request("either prompt or prompt_embeds must be provided and non-empty", "prompt")
+        if embeds and req.echo:
+            raise bad_request("echo is not supported with prompt_embeds", "echo")
+        if embeds and req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not supported with prompt_embeds", "prompt_logprobs")
+        if req.prompt_logprobs is not None:
+            raise bad_request("prompt_logprobs is not supported by this server", "prompt_logprobs")
+        if req.echo and req.logprobs is not None:
+            raise bad_request("echo together with logprobs needs prompt logprobs, which this server does not "
+                              "compute", "echo")
+        if len(texts) + len(embeds) > self.max_prompts:
+            raise bad_request(f"at most {self.max_prompts} prompts per request", "prompt")
+        for i, t in enumerate(texts):
+            if len(t) == 0:
+                raise bad_request(f"prompt[{i}] is empty", "prompt")
+            if not isinstance(t, str) and not all(0 <= x < info.vocab_size for x in t):
+                raise bad_request(f"prompt[{i}] has token ids outside [0, {info.vocab_size})", "prompt")
+        decoded = await asyncio.to_thread(self._decode_embeds, embeds, info) if embeds else []
+
+        jobs, n = [], params.n
+        prompts = [(None, keys, ref) for keys, ref in decoded] + [(t, prefix_keys(t), None) for t in texts]
+        for i, (text, keys, ref) in enumerate(prompts):
+            greq = GenerateRequest(request_id=f"{request_id}-{i}", prompt=text, params=params,
+                                   prefix_keys=keys, echo=req.echo)
+            echo = text if (req.echo and isinstance(text, str)) else ""
+            choices = [Choice(index=i * n + k, echo_prefix=echo, want_logprobs=params.logprobs is not None)
+                       for k in range(n)]
+            jobs.append(PromptJob(index=i, request=greq, embeds_ref=ref, choices=choices))
+        return jobs
+
+    async def _start(self, jobs: list[PromptJob], stream: bool) -> None:
+        """Send every prompt and wait until each is accepted; a refusal fails the whole request."""
+
+        async def first(job: PromptJob) -> None:
+            job.stream = stream_prompt(self.replicas, job.request, job.embeds_ref,
+                                       restart_after_output=not stream, on_retry=self.metrics.retries.inc)
+            chunk = await job.stream.__anext__()
+            if chunk.error is not None:
+                raise bad_request(chunk.error, "prompt_embeds" if job.embeds_ref is not None else "prompt")
+            if chunk.prompt_text is not None:
+                for c in job.choices:
+                    c.echo_prefix, c.offset = chunk.prompt_text, len(chunk.prompt_text)
+            if not chunk.accepted:
+                job.pending.append(chunk)
+
+        results = await asyncio.gather(*(first(j) for j in jobs), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            await _close(jobs)
+            api = [f for f in failures if isinstance(f, APIError)]
+            if api:
+                raise min(api, key=lambda e: e.status)  # a client error wins over 429/503
+            raise failures[0]
+
+    # -- consuming replica output -------------------------------------------------------------
+    async def _chunks(self, job: PromptJob, t0: float) -> AsyncIterator[GenerateChunk]:
+        async def source():
+            for c in job.pending:
+                yield c
+            async for c in job.stream:
+                yield c
+
+        async for chunk in source():
+            if chunk.accepted:  # a retry on another replica: start this prompt over
+                job.choices = [c.restarted() for c in job.choices]
+                job.first_token_at = job.last_token_at = None
+                continue
+            if chunk.error is not None:
+                raise bad_request(chunk.error)
+            job.num_prompt_tokens = chunk.num_prompt_tokens or job.num_prompt_tokens
+            job.num_cached_tokens = chunk.num_cached_tokens or job.num_cached_tokens
+            ntok = sum(len(d.token_ids) for d in chunk.deltas)
+            if ntok:
+                now = time.perf_counter()
+                if job.first_token_at is None:
+                    self.metrics.ttft.observe(now - t0)
+                    job.first_token_at = now
+                else:
+                    per_token = (now - job.last_token_at) / ntok
+                    for _ in range(ntok):
+                        self.metrics.itl.observe(per_token)
+                job.last_token_at = now
+            yield chunk
+
+    def _account(self, jobs: list[PromptJob], t0: float) -> dict:
+        prompt = sum(j.num_prompt_tokens for j in jobs)
+        completion = sum(c.num_tokens for j in jobs for c in j.choices)
+        cached = sum(j.num_cached_tokens for j in jobs)
+        self.metrics.prompt_tokens.inc(prompt)
+        self.metrics.generation_tokens.inc(completion)
+        self.metrics.e2e.observe(time.perf_counter() - t0)
+        return usage(prompt, completion, cached)
+
+    async def _collect(self, jobs: list[PromptJob], t0: float) -> None:
+        async def run(job: PromptJob) -> None:
+            async for chunk in self._chunks(job, t0):
+                for d in chunk.deltas:
+                    job.choices[d.index].apply(d)
+
+        tasks = [asyncio.create_task(run(j)) for j in jobs]
+        try:
+            await asyncio.gather(*tasks)
+        finally:  # one failed or the client left: stop the others (and their replica requests)
+            await _cancel(tasks)
+            await _close(jobs)
+
+    async def _sse(self, jobs: list[PromptJob], header: CompletionHeader, req: CompletionRequest,
+                   t0: float) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+        opts = req.stream_options
+        continuous = bool(opts and opts.continuous_usage_stats)
+
+        async def pump(job: PromptJob) -> None:
+            try:
+                async for chunk in self._chunks(job, t0):
+                    await queue.put((job, chunk))
+                await queue.put((job, None))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # noqa: BLE001 - reported to the client as an error event
+                await queue.put((job, e))
+
+        tasks = [asyncio.create_task(pump(j)) for j in jobs]
+        try:
+            remaining = len(jobs)
+            while remaining:
+                job, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    for c in job.choices:  # exactly one finish_reason per choice, whatever happened
+                        if c.finish_reason is None:
+                            c.finish_reason = "abort"
+                            yield _sse_event(header.chunk([{"index": c.index, "text": "", "logprobs": None,
+                                                            "finish_reason": "abort", "stop_reason": None}]))
+                    continue
+                if isinstance(item, BaseException):
+                    err = item if isinstance(item, APIError) else APIError(
+                        f"generation failed: {type(item).__name__}", 500, code="internal_error")
+                    yield _sse_event(err.body())
+                    break
+                for d in item.deltas:
+                    choice = job.choices[d.index]
+                    if choice.finish_reason is not None:
+                        continue
+                    u = self._partial_usage(jobs) if continuous else None
+                    yield _sse_event(header.chunk([choice.apply(d)], u))
+            else:
+                u = self._account(jobs, t0)
+                if opts and opts.include_usage:
+                    yield _sse_event(header.chunk([], u))
+            yield "data: [DONE]\n\n"
+        finally:
+            await _cancel(tasks)
+            await _close(jobs)
+
+    @staticmethod
+    def _partial_usage(jobs: list[PromptJob]) -> dict:
+        return usage(sum(j.num_prompt_tokens for j in jobs), sum(c.num_tokens for j in jobs for c in j.choices))
+
+    # -- endpoints ----------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        t0 = time.perf_counter()
+        status = 200
+        try:
+            self._check_auth(request)
+            body = await self._read_body(request)
+            req = CompletionRequest.model_validate(body)
+            info = await self._model_info()
+            if req.model is not None and req.model not in self._model_names(info):
+                raise APIError(f"the model `{req.model}` does not exist", 404, param="model",
+                               code="model_not_found")
+            request_id = f"cmpl-{uuid.uuid4().hex}"
+            jobs = await self._jobs(req, info, request_id)
+            await self._start(jobs, req.stream)
+            header = CompletionHeader(id=request_id, model=req.model or info.name)
+            if req.stream:
+                return StreamingResponse(self._sse(jobs, header, req, t0), media_type="text/event-stream",
+                                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
+            await self._collect(jobs, t0)
+            result = header.completion([c.final() for j in jobs for c in j.choices], self._account(jobs, t0))
+            if MSGPACK_CONTENT_TYPE in request.headers.get("accept", ""):
+                return Response(encode_msgpack_response(result), media_type=MSGPACK_CONTENT_TYPE)
+            return JSONResponse(result)
+        except APIError as e:
+            status = e.status
+            raise
+        except ValidationError:  # errors.install answers 400
+            status = 400
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            self.metrics.requests.labels(status=str(status)).inc()
+
+    @app.get("/v1/models")
+    async def models(self, request: Request):
+        self._check_auth(request)
+        info = await self._model_info()
+        data = [{"id": name, "object": "model", "created": 0, "owned_by": "raylm", "root": info.name,
+                 "parent": None, "max_model_len": info.max_model_len} for name in self._model_names(info)]
+        return {"object": "list", "data": data}
+
+    @app.get("/health")
+    async def health(self):
+        await self._model_info()
+        r = request_router_of(self.replicas)
+        live = r.num_live_replicas if r is not None else 0
+        if live == 0:
+            raise unavailable()
+        return {"status": "ok", "live_replicas": live}
+
+    @app.get("/metrics")
+    async def metrics_endpoint(self):
+        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+

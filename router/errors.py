@@ -1,0 +1,89 @@
+"""OpenAI-shaped error bodies, `{"error": {"message", "type", "param", "code"}}`, and the handlers
+that make sure nothing a client sends is answered with a 500."""
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+logger = logging.getLogger(__name__)
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "internal_server_error",
+    503: "service_unavailable_error",
+}
+
+
+class APIError(Exception):
+    def __init__(self, message: str, status: int = 400, *, param: str | None = None,
+                 code: str | None = None, type: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.type = type or _TYPES.get(status, "invalid_request_error")
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> APIError:
+    return APIError(message, 400, param=param)
+
+
+def overloaded(message: str = "all replicas are busy; retry later", retry_after_s: int = 1) -> APIError:
+    return APIError(message, 429, code="server_overloaded", headers={"Retry-After": str(retry_after_s)})
+
+
+def unavailable(message: str = "no live replica can serve this request", retry_after_s: int = 5) -> APIError:
+    return APIError(message, 503, code="no_live_replica", headers={"Retry-After": str(retry_after_s)})
+
+
+def error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def from_validation_errors(errors: list[dict]) -> APIError:
+    """One 400 naming each bad field (never echoing the input: it may be megabytes of base64)."""
+    parts, params = [], []
+    for e in errors[:10]:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        params.append(loc)
+        parts.append(f"{loc}: {e.get('msg', 'invalid value')}" if loc else e.get("msg", "invalid value"))
+    return APIError("; ".join(parts) or "invalid request", 400, param=params[0] if params else None)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_validation(request: Request, exc: RequestValidationError):
+        return error_response(from_validation_errors(exc.errors()))
+
+    @app.exception_handler(ValidationError)
+    async def _validation(request: Request, exc: ValidationError):
+        return error_response(from_validation_errors(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException):
+        return error_response(APIError(str(exc.detail), exc.status_code, headers=getattr(exc, "headers", None)))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        logger.exception("unexpected error serving %s", request.url.path)
+        return error_response(APIError(f"internal error: {type(exc).__name__}", 500, code="internal_error"))

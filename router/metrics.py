@@ -1,0 +1,58 @@
+"""Prometheus metrics of the router, served on GET /metrics.
+
+Request counts, token counts and latencies are observed here as responses stream through;
+per-replica running/waiting/KV usage come from each replica's `record_routing_stats`, which
+Serve polls and hands to our request router (router.routing.ROUTERS).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _ReplicaCollector:
+    def __init__(self, stats: Callable[[], dict[str, dict]]):
+        self._stats = stats
+
+    def collect(self):
+        running = GaugeMetricFamily("raylm_replica_running_requests", "Requests running on a replica", labels=["replica"])
+        waiting = GaugeMetricFamily("raylm_replica_waiting_requests", "Requests waiting on a replica", labels=["replica"])
+        kv = GaugeMetricFamily("raylm_replica_kv_cache_usage", "Fraction of a replica's KV blocks in use", labels=["replica"])
+        started = CounterMetricFamily("raylm_replica_requests", "Requests a replica has started (from any router "
+                                      "or client)", labels=["replica"])
+        live = GaugeMetricFamily("raylm_live_replicas", "Replicas the router can send requests to")
+        stats = self._stats()
+        for rid, s in stats.items():
+            started.add_metric([rid], float(s.get("num_requests", 0)))
+            running.add_metric([rid], float(s.get("num_running", 0)))
+            waiting.add_metric([rid], float(s.get("num_waiting", 0)))
+            kv.add_metric([rid], float(s.get("kv_cache_usage", 0.0)))
+        live.add_metric([], float(len(stats)))
+        yield from (running, waiting, kv, started, live)
+
+
+class Metrics:
+    def __init__(self, replica_stats: Callable[[], dict[str, dict]]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("raylm_requests", "Completion requests by HTTP status", ["status"], registry=r)
+        self.prompt_tokens = Counter("raylm_prompt_tokens", "Prompt tokens (embeds rows included)", registry=r)
+        self.generation_tokens = Counter("raylm_generation_tokens", "Generated tokens", registry=r)
+        self.ttft = Histogram("raylm_time_to_first_token_seconds", "Time to first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("raylm_inter_token_latency_seconds", "Time between tokens of one completion",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.retries = Counter("raylm_request_retries", "Prompts sent again after their replica was lost",
+                               registry=r)
+        self.e2e = Histogram("raylm_request_latency_seconds", "Request latency, arrival to last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        r.register(_ReplicaCollector(replica_stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
