@@ -1,0 +1,93 @@
+"""Helpers the Serve tests share: a private Ray cluster per test module, Serve on a free port."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def code_on_path() -> None:
+    """Make the repository importable here and in the Ray workers this driver starts."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    parts = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(REPO) not in parts:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO)] + parts)
+
+
+def temp_dir(tag: str) -> str:
+    # Short: Ray puts unix sockets under it (108-byte path limit).
+    return tempfile.mkdtemp(prefix=f"raylm-{tag}-", dir="/tmp")
+
+
+def start_ray(tag: str, num_cpus: int = 2, object_store_mb: int = 200) -> str:
+    import ray
+
+    code_on_path()
+    tmp = temp_dir(tag)
+    ray.init(_temp_dir=tmp, include_dashboard=False, num_cpus=num_cpus,
+             object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=False)
+    return tmp
+
+
+def start_serve(port: int) -> None:
+    from ray import serve
+
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
+
+
+def stop_all(tmp: str | None) -> None:
+    import ray
+    from ray import serve
+
+    try:
+        serve.shutdown()
+    finally:
+        ray.shutdown()
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def wait_healthy(base_url: str, timeout_s: float = 180) -> None:
+    deadline = time.time() + timeout_s
+    last = None
+    while time.time() < deadline:
+        try:
+            r = requests.get(f"{base_url}/health", timeout=10)
+            if r.status_code == 200:
+                return
+            last = r.text
+        except requests.RequestException as e:
+            last = repr(e)
+        time.sleep(0.5)
+    raise TimeoutError(f"{base_url} not healthy after {timeout_s}s: {last}")
+
+
+def b64_embeds(tensor) -> str:
+    """What vLLM's docs send: base64 of torch.save bytes."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(tensor, buf)
+    return base64.b64encode(buf.getvalue()).decode("utf-8")
+
+
+def sse_events(response: requests.Response) -> list[str]:
+    """The `data:` payloads of an SSE response, in order."""
+    return [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
