@@ -9,7 +9,6 @@ frees its KV blocks.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
@@ -29,19 +28,6 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-
-
-def _snapshot(out: RequestOutput) -> RequestOutput:
-    """A copy the consumer may read while the engine keeps appending to its own lists."""
-    outputs = [
-        dataclasses.replace(
-            c,
-            token_ids=list(c.token_ids),
-            logprobs=list(c.logprobs) if c.logprobs is not None else None,
-        )
-        for c in out.outputs
-    ]
-    return dataclasses.replace(out, outputs=outputs)
 
 
 class AsyncEngine:
@@ -80,7 +66,7 @@ class AsyncEngine:
         with self._lock:
             stream = self._streams.get(out.request_id)
         if stream is not None:
-            self._put(stream, _snapshot(out))
+            self._put(stream, out)  # a fresh object: the engine never touches it again
 
     def _put(self, stream: _Stream, item) -> None:
         try:
