@@ -1,6 +1,7 @@
 """Generation parameters, named and defaulted as vLLM's SamplingParams."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -39,6 +40,11 @@ class SamplingParams:
         def fail(msg: str) -> None:
             raise ValueError(msg)
 
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(f"{name} must be a finite number, got {value!r}")
         if not isinstance(self.n, int) or self.n < 1:
             fail(f"n must be an integer >= 1, got {self.n}")
         if self.temperature < 0:

@@ -90,7 +90,9 @@ def test_multibyte_characters_are_never_split(embedded_llm):
 
 
 @pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-1), dict(top_p=0), dict(max_tokens=0),
-                                 dict(logprobs=50), dict(min_tokens=5, max_tokens=2)])
+                                 dict(logprobs=50), dict(min_tokens=5, max_tokens=2),
+                                 dict(temperature=float("nan")), dict(top_p=float("nan")),
+                                 dict(repetition_penalty=float("inf"))])
 def test_invalid_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
