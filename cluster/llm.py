@@ -48,10 +48,9 @@ class LLM:
             raise ValueError("sampling_params must be one SamplingParams or a list with one per prompt")
 
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
-        for prompt, params in zip(prompts, params_list):
-            self.engine.validate_prompt(prompt, params)
+        prepared = [self.engine.prepare(prompt, params) for prompt, params in zip(prompts, params_list)]
         order: dict[str, int] = {}
-        for i, (prompt, params) in enumerate(zip(prompts, params_list)):
+        for i, (prompt, params) in enumerate(zip(prepared, params_list)):
             request_id = f"offline-{next(self._ids)}"
             order[request_id] = i
             self.engine.add_request(request_id, prompt, params)

@@ -168,8 +168,8 @@ class Replica:
         """
         rid = request.request_id
         try:
-            prompt = await self._prompt(request, prompt_embeds)
-            self.engine.validate_prompt(prompt, request.params)
+            # Checked (and tokenized, embeds copied) once here; the engine queues this as is.
+            prompt = self.engine.prepare(await self._prompt(request, prompt_embeds), request.params)
         except (ValueError, TypeError) as e:
             yield GenerateChunk(request_id=rid, error=str(e), finished=True, replica_id=self.replica_id)
             return

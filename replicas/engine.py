@@ -33,6 +33,15 @@ class EngineLoad:
 
 
 @dataclass
+class PreparedPrompt:
+    """A prompt checked against its params and the engine's limits, ready to queue."""
+
+    prompt: ProcessedPrompt
+    params: SamplingParams
+    max_tokens: int
+
+
+@dataclass
 class _Add:
     request: Request
 
@@ -73,7 +82,9 @@ class LLMEngine:
 
     # ---- requests in -------------------------------------------------------------------------
 
-    def _process(self, prompt, params: SamplingParams) -> tuple[ProcessedPrompt, int]:
+    def prepare(self, prompt, params: SamplingParams) -> PreparedPrompt:
+        """Validate and tokenize/copy a prompt once; raises ValueError naming what was expected.
+        The result can be handed to add_request so nothing is processed twice."""
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         processed = process_prompt(prompt, self.tokenizer, self.model_config, self.dtype,
@@ -89,18 +100,20 @@ class LLMEngine:
         if n + max_tokens > capacity:
             raise ValueError(f"prompt ({n}) plus max_tokens ({max_tokens}) exceeds the KV cache capacity "
                              f"of {capacity} tokens")
-        return processed, max_tokens
+        return PreparedPrompt(processed, params, max_tokens)
 
     def validate_prompt(self, prompt, params: SamplingParams) -> None:
-        self._process(prompt, params)
+        self.prepare(prompt, params)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
-        processed, max_tokens = self._process(prompt, params)
+        """Queue a request; `prompt` may be what prepare() returned for these params."""
+        prepared = prompt if isinstance(prompt, PreparedPrompt) and prompt.params is params \
+            else self.prepare(prompt, params)
         with self._ids_lock:
             if request_id in self._pending_ids:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._pending_ids.add(request_id)
-        self._inbox.put(_Add(self._make_request(request_id, processed, params, max_tokens)))
+        self._inbox.put(_Add(self._make_request(request_id, prepared.prompt, params, prepared.max_tokens)))
 
     def _make_request(self, request_id: str, p: ProcessedPrompt, params: SamplingParams,
                       max_tokens: int) -> Request:
