@@ -58,6 +58,7 @@ class GenerateChunk:
     num_cached_tokens: int = 0
     prompt_token_ids: list[int] | None = None
     prompt_text: str | None = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once, with the first output
     replica_id: str = ""
 
 
@@ -104,6 +105,7 @@ class DeltaTracker:
             request_id=out.request_id, deltas=deltas, finished=out.finished,
             num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
             prompt_token_ids=out.prompt_token_ids if self._first else None,
+            prompt_logprobs=out.prompt_logprobs if self._first else None,
             replica_id=self.replica_id,
         )
         self._first = False

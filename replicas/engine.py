@@ -89,6 +89,8 @@ class LLMEngine:
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         processed = process_prompt(prompt, self.tokenizer, self.model_config, self.dtype,
                                    self.cfg.enable_prompt_embeds)
+        if params.prompt_logprobs is not None and processed.prompt_embeds is not None:
+            raise ValueError("prompt_logprobs is not available for prompt_embeds (there are no prompt token ids)")
         n, limit = processed.num_tokens, self.model_config.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
         if n + max_tokens > limit:
@@ -125,7 +127,8 @@ class LLMEngine:
                 request_id=request_id, index=i, params=params, token_ids=p.sequence_token_ids,
                 num_prompt_tokens=p.num_tokens, prompt_embeds=p.prompt_embeds,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, context, params.skip_special_tokens),
-                generator=generator, max_tokens=max_tokens))
+                generator=generator, max_tokens=max_tokens,
+                prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None))
         return Request(request_id, p.prompt, p.prompt_token_ids, params, seqs, time.time())
 
     def abort_request(self, request_id: str) -> None:
@@ -145,10 +148,12 @@ class LLMEngine:
         self._drain_inbox(changed)
         sched = self.scheduler.schedule()
         if not sched.empty:
-            results = self.runner.execute(sched)
+            result = self.runner.execute(sched)
             self.scheduler.after_step(sched)
+            for seq, entries in result.prompt_logprobs:
+                seq.prompt_logprobs.extend(self._logprob_dict(top) for top in entries)
             sampling = [s.seq for s in sched.scheduled if s.samples]
-            for seq, result in zip(sampling, results):
+            for seq, result in zip(sampling, result.samples):
                 self._append_token(seq, result)
                 changed[seq.request_id] = self._requests[seq.request_id]
         outputs = [self._output(r) for r in changed.values()]
@@ -188,8 +193,7 @@ class LLMEngine:
         seq.token_ids.append(token)
         seq.cumulative_logprob += result.logprob
         if result.top_logprobs is not None:
-            decode = self.tokenizer.decode
-            seq.logprobs.append({t: Logprob(lp, rank, decode([t])) for t, lp, rank in result.top_logprobs})
+            seq.logprobs.append(self._logprob_dict(result.top_logprobs))
 
         can_stop = seq.num_output_tokens >= p.min_tokens
         if can_stop and token in p.stop_token_ids:
@@ -206,6 +210,9 @@ class LLMEngine:
         if not seq.finished:
             hold = max((len(s) for s in p.stop_list), default=1) - 1
             seq.visible_text_len = max(seq.visible_text_len, len(seq.detokenizer.text) - hold)
+
+    def _logprob_dict(self, top: list[tuple[int, float, int]]) -> dict[int, Logprob]:
+        return {t: Logprob(lp, rank, self.tokenizer.decode([t])) for t, lp, rank in top}
 
     def _check_stop_strings(self, seq: Sequence, delta_len: int) -> None:
         text = seq.detokenizer.text
@@ -238,6 +245,7 @@ class LLMEngine:
         return RequestOutput(
             request_id=r.request_id, prompt=r.prompt, prompt_token_ids=r.prompt_token_ids, outputs=outputs,
             finished=r.finished, num_prompt_tokens=first.num_prompt_tokens,
+            prompt_logprobs=list(first.prompt_logprobs) if first.prompt_logprobs is not None else None,
             num_cached_tokens=first.num_cached_tokens)
 
     def input_embeddings(self, token_ids: list[int]) -> torch.Tensor:

@@ -13,8 +13,11 @@ from replicas.loader import ModelSource
 from replicas.models.llama import LlamaForCausalLM
 from replicas.sampler import SampleResult, Sampler
 from replicas.scheduler import SchedulerOutput
+from replicas.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+_PROMPT_LOGPROB_SLICE = 256
 
 
 @dataclass
@@ -25,6 +28,22 @@ class ModelInputs:
     embeds_rows: torch.Tensor | None  # [mask.sum(), hidden]
     meta: AttentionMetadata
     sample_rows: torch.Tensor  # [S] flat row whose logits yield each sampling sequence's token
+    prompt_logprob_rows: list[PromptLogprobRows]
+
+
+@dataclass
+class PromptLogprobRows:
+    """Rows of one sequence's prefill chunk whose logits score the next prompt token."""
+
+    seq: Sequence
+    rows: list[int]  # flat rows
+    targets: list[int]  # the prompt token each row predicts
+
+
+@dataclass
+class StepResult:
+    samples: list[SampleResult]  # in the order of the scheduled sequences that sample
+    prompt_logprobs: list[tuple[Sequence, list[list[tuple[int, float, int]]]]]  # new entries per sequence
 
 
 class ModelRunner:
@@ -74,6 +93,7 @@ class ModelRunner:
         bs = self.block_size
         ids, positions, mask, rows, sample_rows = [], [], [], [], []
         q_starts, seq_lens, tables = [0], [], []
+        prompt_rows: list[PromptLogprobRows] = []
         for s in out.scheduled:
             seq, start, end = s.seq, s.start, s.start + s.num_new_tokens
             ids.extend(seq.token_ids[start:end])
@@ -87,6 +107,14 @@ class ModelRunner:
             tables.append(seq.block_table)
             if s.samples:
                 sample_rows.append(q_starts[-1] - 1)
+            if seq.wants_prompt_logprobs:
+                # Position p scores prompt token p + 1; skip targets an earlier run (before a preemption) scored.
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                last = min(end, seq.num_prompt_tokens - 1)
+                if first < last:
+                    base = q_starts[-2] - start
+                    prompt_rows.append(PromptLogprobRows(seq, [base + p for p in range(first, last)],
+                                                         seq.token_ids[first + 1:last + 1]))
 
         dev = self.device
         pos_t = torch.tensor(positions, dtype=torch.long)
@@ -112,16 +140,28 @@ class ModelRunner:
             embeds_rows=torch.cat(rows).to(dev, self.dtype) if rows else None,
             meta=meta,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            prompt_logprob_rows=prompt_rows,
         )
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[SampleResult]:
-        """Run one step; results follow the order of the scheduled sequences that sample."""
+    def execute(self, out: SchedulerOutput) -> StepResult:
         inputs = self._prepare(out)
         self.backend.prepare(inputs.meta)
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.embeds_mask, inputs.embeds_rows,
                             self.kv_caches, inputs.meta, self.backend)
-        if not inputs.sample_rows.numel():
-            return []
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        return self.sampler(logits, [s.seq for s in out.scheduled if s.samples])
+        prompt_logprobs = [(p.seq, self._prompt_logprobs(hidden, p)) for p in inputs.prompt_logprob_rows]
+        samples = []
+        if inputs.sample_rows.numel():
+            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+            samples = self.sampler(logits, [s.seq for s in out.scheduled if s.samples])
+        return StepResult(samples, prompt_logprobs)
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, p: PromptLogprobRows) -> list[list[tuple[int, float, int]]]:
+        k = p.seq.params.prompt_logprobs
+        entries = []
+        for i in range(0, len(p.rows), _PROMPT_LOGPROB_SLICE):  # bounds the [rows, vocab] logits
+            rows = torch.tensor(p.rows[i:i + _PROMPT_LOGPROB_SLICE], device=hidden.device)
+            logprobs = torch.log_softmax(self.model.compute_logits(hidden[rows]), dim=-1).cpu()
+            for row, target in zip(logprobs, p.targets[i:i + _PROMPT_LOGPROB_SLICE]):
+                entries.append(self.sampler.top_logprobs(row, target, k))
+        return entries

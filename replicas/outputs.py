@@ -39,5 +39,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_prompt_tokens: int = 0  # embeds rows count as prompt tokens
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # one per prompt token; the first is None
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)

@@ -43,12 +43,13 @@ class Sampler:
             lp = float(raw_logprobs[row, token])
             top = None
             if seq.params.logprobs is not None:
-                top = self._top_logprobs(raw_logprobs[row], token, seq.params.logprobs)
+                top = self.top_logprobs(raw_logprobs[row], token, seq.params.logprobs)
             results.append(SampleResult(token, lp, top))
         return results
 
     @staticmethod
-    def _top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> list[tuple[int, float, int]]:
+    def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> list[tuple[int, float, int]]:
+        """The k best (token, logprob, rank) of one distribution, plus `token` when it is not among them."""
         out = []
         if k > 0:
             values, ids = logprobs.topk(k)

@@ -76,7 +76,8 @@ class Scheduler:
             return out  # don't admit new work while the pool is short
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            hit = self.kv.find_prefix(seq) if seq.num_computed_tokens == 0 else None
+            # Prompt logprobs need every prompt position computed, so such requests skip cache hits.
+            hit = self.kv.find_prefix(seq) if seq.num_computed_tokens == 0 and not seq.wants_prompt_logprobs else None
             cached = hit.num_tokens if hit else 0
             n = min(seq.num_tokens - seq.num_computed_tokens - cached, budget)
             if not self.kv.allocate(seq, n, hit):

@@ -29,7 +29,7 @@ from router.errors import APIError, bad_request, unavailable
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.metrics import Metrics
 from router.msgpack_codec import MSGPACK_CONTENT_TYPE, MsgpackBodyError, decode_msgpack_body, encode_msgpack_response
-from router.responses import Choice, CompletionHeader, usage
+from router.responses import Choice, CompletionHeader, prompt_logprobs_json, usage
 from router.routing import prefix_keys, request_router_of, stream_prompt
 from router.schemas import CompletionRequest
 
@@ -185,8 +185,6 @@ class Router:
             raise bad_request("echo is not supported with prompt_embeds", "echo")
         if embeds and req.prompt_logprobs is not None:
             raise bad_request("prompt_logprobs is not supported with prompt_embeds", "prompt_logprobs")
-        if req.prompt_logprobs is not None:
-            raise bad_request("prompt_logprobs is not supported by this server", "prompt_logprobs")
         if req.echo and req.logprobs is not None:
             raise bad_request("echo together with logprobs needs prompt logprobs, which this server does not "
                               "compute", "echo")
@@ -249,6 +247,10 @@ class Router:
                 continue
             if chunk.error is not None:
                 raise bad_request(chunk.error)
+            if chunk.prompt_logprobs is not None:
+                formatted = prompt_logprobs_json(chunk.prompt_logprobs)
+                for c in job.choices:
+                    c.prompt_logprobs = formatted
             job.num_prompt_tokens = chunk.num_prompt_tokens or job.num_prompt_tokens
             job.num_cached_tokens = chunk.num_cached_tokens or job.num_cached_tokens
             ntok = sum(len(d.token_ids) for d in chunk.deltas)

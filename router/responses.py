@@ -58,6 +58,7 @@ class Choice:
     logprobs: LogprobsBlock | None = None
     offset: int = 0
     started: bool = False
+    prompt_logprobs: list | None = None  # vLLM's field, when the request asked for it
 
     def __post_init__(self) -> None:
         self.offset = len(self.echo_prefix)
@@ -67,7 +68,8 @@ class Choice:
     def apply(self, delta: CompletionDelta) -> dict:
         """Fold a delta in; return this delta as a streaming choice dict."""
         text = delta.text
-        if not self.started:
+        first = not self.started
+        if first:
             text = self.echo_prefix + text
             self.started = True
         self.text += text
@@ -80,17 +82,30 @@ class Choice:
             self.logprobs.extend(delta, piece_offset)
         if delta.finish_reason is not None:
             self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
-        return {"index": self.index, "text": text, "logprobs": piece.to_dict() if piece else None,
-                "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
+        out = {"index": self.index, "text": text, "logprobs": piece.to_dict() if piece else None,
+               "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
+        if first and self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs
+        return out
 
     def restarted(self) -> "Choice":
         """A fresh choice with the same index and echo (its request is being sent again)."""
         return Choice(index=self.index, echo_prefix=self.echo_prefix, want_logprobs=self.want_logprobs)
 
     def final(self) -> dict:
-        return {"index": self.index, "text": self.text,
-                "logprobs": self.logprobs.to_dict() if self.logprobs else None,
-                "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
+        out = {"index": self.index, "text": self.text,
+               "logprobs": self.logprobs.to_dict() if self.logprobs else None,
+               "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
+        if self.prompt_logprobs is not None:
+            out["prompt_logprobs"] = self.prompt_logprobs
+        return out
+
+
+def prompt_logprobs_json(entries: list) -> list:
+    """vLLM's prompt_logprobs: None for the first prompt token, then {token id: logprob entry}."""
+    return [None if e is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in e.items()} for e in entries]
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:

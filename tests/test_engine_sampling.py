@@ -96,3 +96,29 @@ def test_multibyte_characters_are_never_split(embedded_llm):
 def test_invalid_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_prompt_logprobs_match_transformers_across_prefill_chunks(embedded_llm, hf_embedded):
+    """Chunked prefill (8-token chunks) and a warm prefix cache still score every prompt token."""
+    import torch
+
+    from cluster import LLM
+
+    tok = embedded_llm.get_tokenizer()
+    ids = chat_token_ids(tok, CHATS[0])
+    embedded_llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=1), use_tqdm=False)  # warm cache
+    chunked = LLM(model=None, max_num_batched_tokens=8, num_gpu_blocks_override=32)
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf_embedded(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for llm in (embedded_llm, chunked):
+        out = llm.generate({"prompt_token_ids": ids}, SamplingParams(max_tokens=2, prompt_logprobs=3),
+                           use_tqdm=False)[0]
+        assert len(out.prompt_logprobs) == len(ids) and out.prompt_logprobs[0] is None
+        for i in range(1, len(ids)):
+            entry = out.prompt_logprobs[i]
+            assert ids[i] in entry and 3 <= len(entry) <= 4
+            assert math.isclose(entry[ids[i]].logprob, float(ref[i - 1, ids[i]]), abs_tol=1e-3)
+            assert sorted(lp.rank for lp in entry.values())[:3] == [1, 2, 3]
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        embedded_llm.generate({"prompt_embeds": embedded_llm.get_input_embeddings(ids)},
+                              SamplingParams(prompt_logprobs=1), use_tqdm=False)

@@ -346,6 +346,24 @@ def test_logprobs_with_embeds(oa, hf):
     assert ch.text == greedy(oa, prompt=ids, max_tokens=6).choices[0].text
 
 
+def test_prompt_logprobs_for_token_prompts_match_transformers(oa, hf):
+    ids = chat_ids(hf.tok, CHATS[2])
+    c = greedy(oa, prompt=ids, max_tokens=2, extra_body={"prompt_logprobs": 1})
+    entries = c.choices[0].model_extra["prompt_logprobs"]
+    assert len(entries) == len(ids) and entries[0] is None
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf.model(torch.tensor([ids])).logits[0].float(), dim=-1)
+    for i in range(1, len(ids)):
+        entry = entries[i]
+        assert str(ids[i]) in entry and 1 <= len(entry) <= 2
+        assert entry[str(ids[i])]["logprob"] == pytest.approx(float(ref[i - 1, ids[i]]), abs=1e-3)
+        assert any(v["rank"] == 1 for v in entry.values())
+    streamed = list(oa.completions.create(model=MODEL, prompt=ids, max_tokens=2, temperature=0.0, stream=True,
+                                          extra_body={"prompt_logprobs": 1}))
+    first = [ch for chunk in streamed for ch in chunk.choices if ch.model_extra.get("prompt_logprobs")]
+    assert len(first) == 1 and first[0].model_extra["prompt_logprobs"] == entries
+
+
 def test_embeds_reach_the_replica_as_numpy_from_the_object_store(server, oa, hf):
     ids = chat_ids(hf.tok, CHATS[1])
     c = greedy(oa, prompt="", max_tokens=3, extra_body={"prompt_embeds": b64_embeds(embeds_of(hf, ids))})
