@@ -58,6 +58,7 @@ class GenerateChunk:
     num_cached_tokens: int = 0
     prompt_token_ids: list[int] | None = None
     prompt_text: str | None = None
+    prompt_tokens: list[str] | None = None  # each prompt token's text, for echo with logprobs
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once, with the first output
     replica_id: str = ""
 
@@ -179,7 +180,12 @@ class Replica:
         if request.echo and prompt_embeds is None:
             prompt_text = request.prompt if isinstance(request.prompt, str) else self.engine.tokenizer.decode(
                 list(request.prompt or []), skip_special_tokens=request.params.skip_special_tokens)
-        yield GenerateChunk(request_id=rid, accepted=True, prompt_text=prompt_text, replica_id=self.replica_id)
+        prompt_tokens = None
+        ids = prompt.prompt.prompt_token_ids
+        if request.echo and request.params.prompt_logprobs is not None and ids:
+            prompt_tokens = [self.engine.tokenizer.decode([t]) for t in ids]
+        yield GenerateChunk(request_id=rid, accepted=True, prompt_text=prompt_text, prompt_tokens=prompt_tokens,
+                            replica_id=self.replica_id)
         tracker = DeltaTracker(self.replica_id)
         try:
             # aclosing: however this generator ends, the engine request is finished or aborted.

@@ -7,6 +7,7 @@ each prompt to a replica (router.routing), and answer as JSON, msgpack or SSE.
 # (`request: Request`) at runtime, through Serve's ingress wrapper class.
 import asyncio
 import base64
+import dataclasses
 import hmac
 import json
 import logging
@@ -178,6 +179,9 @@ class Router:
             params = req.sampling_params()
         except (ValueError, TypeError) as e:
             raise bad_request(str(e)) from None
+        if req.echo and params.logprobs is not None and params.prompt_logprobs is None:
+            # echo with logprobs scores the echoed prompt tokens too
+            params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
         texts, embeds = req.text_prompts(), req.embeds_entries()
         if not texts and not embeds:
             raise bad_request("either prompt or prompt_embeds must be provided and non-empty", "prompt")
@@ -185,9 +189,6 @@ class Router:
             raise bad_request("echo is not supported with prompt_embeds", "echo")
         if embeds and req.prompt_logprobs is not None:
             raise bad_request("prompt_logprobs is not supported with prompt_embeds", "prompt_logprobs")
-        if req.echo and req.logprobs is not None:
-            raise bad_request("echo together with logprobs needs prompt logprobs, which this server does not "
-                              "compute", "echo")
         if len(texts) + len(embeds) > self.max_prompts:
             raise bad_request(f"at most {self.max_prompts} prompts per request", "prompt")
         for i, t in enumerate(texts):
@@ -203,8 +204,8 @@ class Router:
             greq = GenerateRequest(request_id=f"{request_id}-{i}", prompt=text, params=params,
                                    prefix_keys=keys, echo=req.echo)
             echo = text if (req.echo and isinstance(text, str)) else ""
-            choices = [Choice(index=i * n + k, echo_prefix=echo, want_logprobs=params.logprobs is not None)
-                       for k in range(n)]
+            choices = [Choice(index=i * n + k, echo_prefix=echo, want_logprobs=params.logprobs is not None,
+                              show_prompt_logprobs=req.prompt_logprobs is not None) for k in range(n)]
             jobs.append(PromptJob(index=i, request=greq, embeds_ref=ref, choices=choices))
         return jobs
 
@@ -220,6 +221,8 @@ class Router:
             if chunk.prompt_text is not None:
                 for c in job.choices:
                     c.echo_prefix, c.offset = chunk.prompt_text, len(chunk.prompt_text)
+            for c in job.choices:
+                c.echo_tokens = chunk.prompt_tokens
             if not chunk.accepted:
                 job.pending.append(chunk)
 
@@ -250,7 +253,7 @@ class Router:
             if chunk.prompt_logprobs is not None:
                 formatted = prompt_logprobs_json(chunk.prompt_logprobs)
                 for c in job.choices:
-                    c.prompt_logprobs = formatted
+                    c.set_prompt_logprobs(chunk.prompt_token_ids, chunk.prompt_logprobs, formatted)
             job.num_prompt_tokens = chunk.num_prompt_tokens or job.num_prompt_tokens
             job.num_cached_tokens = chunk.num_cached_tokens or job.num_cached_tokens
             ntok = sum(len(d.token_ids) for d in chunk.deltas)

@@ -41,6 +41,18 @@ class LogprobsBlock:
             offset += len(tok)
         return offset
 
+    def extend_prompt(self, token_ids: list[int], texts: list[str], entries: list) -> None:
+        """Echo: the prompt's tokens first (the first has no logprob), text offsets from 0."""
+        offset = 0
+        for tid, tok, entry in zip(token_ids, texts, entries):
+            self.tokens.append(tok)
+            actual = entry.get(tid) if entry else None
+            self.token_logprobs.append(_lp(actual.logprob) if actual is not None else None)
+            self.top_logprobs.append({(lp.decoded_token or ""): _lp(lp.logprob) for lp in entry.values()}
+                                     if entry else None)
+            self.text_offset.append(offset)
+            offset += len(tok)
+
     def to_dict(self) -> dict:
         return {"tokens": self.tokens, "token_logprobs": self.token_logprobs,
                 "top_logprobs": self.top_logprobs, "text_offset": self.text_offset}
@@ -58,12 +70,22 @@ class Choice:
     logprobs: LogprobsBlock | None = None
     offset: int = 0
     started: bool = False
-    prompt_logprobs: list | None = None  # vLLM's field, when the request asked for it
+    show_prompt_logprobs: bool = False  # the request asked for vLLM's prompt_logprobs field
+    prompt_logprobs: list | None = None  # that field, JSON-ready
+    echo_tokens: list[str] | None = None  # echo with logprobs: each prompt token's text
+    echo_block: LogprobsBlock | None = None  # echo with logprobs: the prompt's entries, sent first
 
     def __post_init__(self) -> None:
         self.offset = len(self.echo_prefix)
         if self.want_logprobs:
             self.logprobs = LogprobsBlock()
+
+    def set_prompt_logprobs(self, token_ids: list[int] | None, entries: list, formatted: list) -> None:
+        if self.show_prompt_logprobs:
+            self.prompt_logprobs = formatted
+        if self.logprobs is not None and self.echo_tokens is not None and token_ids:
+            self.echo_block = LogprobsBlock()
+            self.echo_block.extend_prompt(token_ids, self.echo_tokens, entries)
 
     def apply(self, delta: CompletionDelta) -> dict:
         """Fold a delta in; return this delta as a streaming choice dict."""
@@ -77,6 +99,10 @@ class Choice:
         piece = None
         if self.logprobs is not None:
             piece = LogprobsBlock()
+            if first and self.echo_block is not None:
+                for block in (piece, self.logprobs):
+                    for name in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                        getattr(block, name).extend(getattr(self.echo_block, name))
             piece_offset = self.offset
             self.offset = piece.extend(delta, piece_offset)
             self.logprobs.extend(delta, piece_offset)
@@ -90,7 +116,8 @@ class Choice:
 
     def restarted(self) -> "Choice":
         """A fresh choice with the same index and echo (its request is being sent again)."""
-        return Choice(index=self.index, echo_prefix=self.echo_prefix, want_logprobs=self.want_logprobs)
+        return Choice(index=self.index, echo_prefix=self.echo_prefix, want_logprobs=self.want_logprobs,
+                      show_prompt_logprobs=self.show_prompt_logprobs, echo_tokens=self.echo_tokens)
 
     def final(self) -> dict:
         out = {"index": self.index, "text": self.text,

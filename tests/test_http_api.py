@@ -364,6 +364,23 @@ def test_prompt_logprobs_for_token_prompts_match_transformers(oa, hf):
     assert len(first) == 1 and first[0].model_extra["prompt_logprobs"] == entries
 
 
+def test_echo_with_logprobs_scores_the_prompt_tokens(oa):
+    prompt = "Count: 1, 2, 3,"
+    c = greedy(oa, prompt=prompt, max_tokens=4, echo=True, logprobs=1)
+    ch, lp = c.choices[0], c.choices[0].logprobs
+    n_prompt, n_out = c.usage.prompt_tokens, c.usage.completion_tokens
+    assert ch.text.startswith(prompt) and "".join(lp.tokens) == ch.text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == n_prompt + n_out
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    assert "prompt_logprobs" not in (ch.model_extra or {})  # not asked for
+    streamed = list(oa.completions.create(model=MODEL, prompt=prompt, max_tokens=4, temperature=0.0, echo=True,
+                                          logprobs=1, stream=True))
+    tokens = [t for chunk in streamed for choice in chunk.choices if choice.logprobs for t in choice.logprobs.tokens]
+    assert tokens == lp.tokens
+
+
 def test_embeds_reach_the_replica_as_numpy_from_the_object_store(server, oa, hf):
     ids = chat_ids(hf.tok, CHATS[1])
     c = greedy(oa, prompt="", max_tokens=3, extra_body={"prompt_embeds": b64_embeds(embeds_of(hf, ids))})
