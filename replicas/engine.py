@@ -153,8 +153,8 @@ class LLMEngine:
             for seq, entries in result.prompt_logprobs:
                 seq.prompt_logprobs.extend(self._logprob_dict(top) for top in entries)
             sampling = [s.seq for s in sched.scheduled if s.samples]
-            for seq, result in zip(sampling, result.samples):
-                self._append_token(seq, result)
+            for seq, sample in zip(sampling, result.samples):
+                self._append_token(seq, sample)
                 changed[seq.request_id] = self._requests[seq.request_id]
         outputs = [self._output(r) for r in changed.values()]
         for r in changed.values():
