@@ -29,7 +29,9 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     padded = _CPU_PADDED_ROWS[rows]
     if padded != rows:
         x = torch.cat([x, x.new_zeros(padded - rows, x.shape[1])])
-    out = torch.mm(layer.weight, x.t()).t()[:rows]
+    # Row-major x (elementwise ops on an earlier transposed result would hand over column-major),
+    # and a row-major result: MKL's fast path for this layout needs both.
+    out = torch.mm(layer.weight, x.contiguous().t()).t()[:rows].contiguous()
     return out + bias if bias is not None else out
 
 
