@@ -6,7 +6,6 @@ each prompt to a replica (router.routing), and answer as JSON, msgpack or SSE.
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations
 # (`request: Request`) at runtime, through Serve's ingress wrapper class.
 import asyncio
-import base64
 import dataclasses
 import hmac
 import json
@@ -25,7 +24,7 @@ from ray import serve
 
 from replicas.deployment import GenerateChunk, GenerateRequest, ModelInfo
 from router import errors
-from router.embeds import EmbedsError, decode_base64_embeds, decode_raw_embeds
+from router.embeds import EmbedsError, decode_embeds_entry
 from router.errors import APIError, bad_request, unavailable
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.metrics import Metrics
@@ -152,14 +151,8 @@ class Router:
         cap = self.max_embeds_bytes or info.max_model_len * info.hidden_size * 4
         arrays = []
         for i, e in enumerate(entries):
-            try:
-                if isinstance(e, str):
-                    arr = decode_base64_embeds(e, hidden_size=info.hidden_size, max_bytes=cap)
-                elif isinstance(e, (bytes, bytearray)):  # msgpack bin: torch.save bytes, no base64
-                    arr = decode_base64_embeds(base64.b64encode(e).decode("ascii"),
-                                               hidden_size=info.hidden_size, max_bytes=cap)
-                else:
-                    arr = decode_raw_embeds(e, hidden_size=info.hidden_size, max_bytes=cap)
+            try:  # str: base64 torch.save; bytes: torch.save (msgpack); dict: raw dtype/shape/data
+                arr = decode_embeds_entry(e, hidden_size=info.hidden_size, max_bytes=cap)
             except EmbedsError as err:
                 raise APIError(f"prompt_embeds[{i}]: {err.message}", err.status, param="prompt_embeds") from None
             if arr.shape[0] > info.max_model_len:
