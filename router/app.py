@@ -25,10 +25,11 @@ from ray import serve
 from replicas.deployment import GenerateChunk, GenerateRequest, ModelInfo
 from router import errors
 from router.embeds import EmbedsError, decode_embeds_entry
-from router.errors import APIError, bad_request, unavailable
+from router.errors import APIError, bad_request, quote, unavailable
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.metrics import Metrics
-from router.msgpack_codec import MSGPACK_CONTENT_TYPE, MsgpackBodyError, decode_msgpack_body, encode_msgpack_response
+from router.msgpack_codec import (MSGPACK_CONTENT_TYPE, MsgpackBodyError, container_budget, decode_msgpack_body,
+                                  encode_msgpack_response)
 from router.responses import Choice, CompletionHeader, prompt_logprobs_json, usage
 from router.routing import prefix_keys, request_router_of, stream_prompt
 from router.schemas import CompletionRequest
@@ -134,7 +135,7 @@ class Router:
         ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if ctype in _MSGPACK_TYPES:
             try:
-                return decode_msgpack_body(raw, self.max_body_bytes)
+                return decode_msgpack_body(raw, self.max_body_bytes, max_containers=container_budget(self.max_prompts))
             except MsgpackBodyError as e:
                 raise APIError(e.message, e.status) from None
         try:
@@ -348,7 +349,7 @@ class Router:
             req = CompletionRequest.model_validate(body)
             info = await self._model_info()
             if req.model is not None and req.model not in self._model_names(info):
-                raise APIError(f"the model `{req.model}` does not exist", 404, param="model",
+                raise APIError(f"the model {quote(req.model)} does not exist", 404, param="model",
                                code="model_not_found")
             request_id = f"cmpl-{uuid.uuid4().hex}"
             jobs = await self._jobs(req, info, request_id)

@@ -9,41 +9,40 @@ Both end as a C-contiguous numpy array of shape ``(seq_len, hidden_size)``: floa
 float32/bfloat16/float64 inputs (numpy has no bfloat16), float16 kept as float16.
 
 ``max_bytes`` caps the tensor's data: ``seq_len * hidden_size * itemsize`` of the tensor as sent.
-Everything that could allocate in proportion to what a payload *declares* (the base64 text, the
-zip records of a ``torch.save`` archive, the objects its pickle would build, the tensor's shape)
-is checked against that cap before the allocation happens. Nothing is ever unpickled beyond
-``torch.load(weights_only=True)``, and its pickle is first checked against a short allow-list of
-the globals that ``torch.save`` writes for one plain dense floating tensor.
+
+``torch.load`` only ever runs on bytes that were checked whole, without ``zipfile`` (whose reading
+differs from torch's): the zip archive starts at offset 0 and its records, central directory and
+end records tile the input exactly; the record names are the ones ``torch.save`` writes (no case
+collisions, no duplicates); ``data.pkl`` is a few hundred bytes whose opcodes spell exactly what
+``torch.save`` writes for one dense tensor; and the storage, shape and strides it declares agree
+with the data record and the size cap. Every other failure of any layer becomes an
+``EmbedsError`` (400), never another exception.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import math
 import pickletools
-import zipfile
+import re
+import struct
+import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from router.errors import quote
+
 # Room for the torch.save container around the tensor bytes: zip headers, the pickle, the small
 # metadata records and the 64-byte alignment padding torch writes before each data record.
 CONTAINER_OVERHEAD_BYTES = 64 * 1024
-
-# The globals torch.save writes for one plain dense tensor of an accepted dtype.
-_ALLOWED_GLOBALS = frozenset({
-    ("torch._utils", "_rebuild_tensor"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("collections", "OrderedDict"),
-    ("torch", "FloatStorage"),
-    ("torch", "BFloat16Storage"),
-    ("torch", "HalfStorage"),
-    ("torch", "DoubleStorage"),
-})
-# Opcodes that import or construct by name other than GLOBAL.
-_IMPORTING_OPS = frozenset({"STACK_GLOBAL", "INST", "OBJ", "EXT1", "EXT2", "EXT4", "PERSID"})
+# torch.save writes a ~150-byte data.pkl for one tensor (~200 for an nn.Parameter).
+MAX_PICKLE_BYTES = 4096
+# Opcodes in that pickle: ~35 for a tensor, ~50 for a parameter, +2 per dimension past 3.
+MAX_PICKLE_OPS = 160
 
 _TORCH_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
 _RAW_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
@@ -67,11 +66,27 @@ def _too_large(what: str, size: int, max_bytes: int) -> EmbedsError:
 def _shape_error(hidden_size: int, shape) -> EmbedsError:
     return EmbedsError(
         f"prompt_embeds must have shape (seq_len, hidden_size) = (seq_len, {hidden_size}) "
-        f"or (1, seq_len, {hidden_size}); got {tuple(shape)}")
+        f"or (1, seq_len, {hidden_size}); got {quote(tuple(shape))}")
 
 
 def _max_container_bytes(max_bytes: int) -> int:
     return max_bytes + CONTAINER_OVERHEAD_BYTES
+
+
+def _only_embeds_errors(decode):
+    """The last line of defence: whatever a payload makes any layer raise is the client's 400."""
+
+    @functools.wraps(decode)
+    def wrapper(*args, **kwargs):
+        try:
+            return decode(*args, **kwargs)
+        except EmbedsError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zip, pickle, torch and numpy raise many types
+            raise EmbedsError(f"prompt_embeds could not be decoded: {type(exc).__name__}: "
+                              f"{quote(str(exc))}") from None
+
+    return wrapper
 
 
 # ---------------------------------------------------------------- shared shape and value checks
@@ -92,8 +107,9 @@ def _check_finite(array: np.ndarray) -> None:
         raise EmbedsError("prompt_embeds contains NaN or infinite values")
 
 
-# ---------------------------------------------------------------- base64 of torch.save bytes
+# ---------------------------------------------------------------- entry points
 
+@_only_embeds_errors
 def decode_embeds_entry(entry, *, hidden_size: int, max_bytes: int) -> np.ndarray:
     """One prompt_embeds entry of a request body, whichever wire form it takes.
 
@@ -111,6 +127,7 @@ def decode_embeds_entry(entry, *, hidden_size: int, max_bytes: int) -> np.ndarra
                       f"{type(entry).__name__}")
 
 
+@_only_embeds_errors
 def decode_base64_embeds(b64: str, *, hidden_size: int, max_bytes: int) -> np.ndarray:
     """Decode base64 of ``torch.save(tensor)`` bytes into a (seq_len, hidden_size) array."""
     if not isinstance(b64, (str, bytes)):
@@ -121,94 +138,366 @@ def decode_base64_embeds(b64: str, *, hidden_size: int, max_bytes: int) -> np.nd
     try:
         raw = base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError) as exc:
-        raise EmbedsError(f"prompt_embeds is not valid base64: {exc}") from None
+        raise EmbedsError(f"prompt_embeds is not valid base64: {quote(str(exc))}") from None
     return decode_torch_save_bytes(raw, hidden_size=hidden_size, max_bytes=max_bytes)
 
 
+@_only_embeds_errors
 def decode_torch_save_bytes(raw: bytes, *, hidden_size: int, max_bytes: int) -> np.ndarray:
     """Decode ``torch.save(tensor)`` bytes into a (seq_len, hidden_size) array."""
     if len(raw) > _max_container_bytes(max_bytes):
         raise _too_large("the torch.save payload", len(raw), _max_container_bytes(max_bytes))
-    tensor = _load_tensor(raw, max_bytes)
-    return _tensor_to_array(tensor, hidden_size=hidden_size, max_bytes=max_bytes)
-
-
-def _load_tensor(raw: bytes, max_bytes: int) -> torch.Tensor:
-    pickle_bytes = _check_archive(raw, max_bytes)
-    _check_pickle_globals(pickle_bytes)
+    raw = bytes(raw)  # immutable: torch.load reads exactly the bytes checked below
+    records = _read_archive(raw, max_bytes)
+    plan = _tensor_plan(records["data.pkl"])
+    _check_plan(plan, records, max_bytes)
     try:
-        obj = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu", mmap=False)
-    except Exception as exc:  # torch raises many types for malformed archives
+        tensor = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu", mmap=False)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for inconsistent archives
         raise EmbedsError(f"prompt_embeds could not be loaded as a torch.save tensor: "
-                          f"{type(exc).__name__}: {str(exc)[:200]}") from None
-    return obj
+                          f"{type(exc).__name__}: {quote(str(exc))}") from None
+    return _tensor_to_array(tensor, plan, hidden_size=hidden_size)
 
 
-def _check_archive(raw: bytes, max_bytes: int) -> bytes:
-    """Check the zip container's declared sizes before torch reads it; return its pickle."""
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(raw))
-        entries = archive.infolist()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, OSError) as exc:
-        raise EmbedsError("prompt_embeds is not a torch.save archive (expected base64 of "
-                          f"torch.save(tensor) bytes): {exc}") from None
-    data_bytes = sum(e.file_size for e in entries if _is_data_record(e.filename))
-    if data_bytes > max_bytes:
-        raise _too_large("the declared tensor storage", data_bytes, max_bytes)
-    total_bytes = sum(e.file_size for e in entries)
-    if total_bytes > _max_container_bytes(max_bytes):
-        raise _too_large("the declared archive content", total_bytes,
-                         _max_container_bytes(max_bytes))
-    for entry in entries:
-        # torch.save stores records uncompressed; a compressed record is not one of its archives.
-        if entry.compress_type != zipfile.ZIP_STORED or entry.compress_size != entry.file_size:
-            raise EmbedsError(f"prompt_embeds archive record {entry.filename!r} is compressed; "
-                              "torch.save archives are stored uncompressed")
-        if entry.header_offset + entry.compress_size > len(raw):
-            raise EmbedsError(f"prompt_embeds archive record {entry.filename!r} runs past the end")
-    pickles = [e for e in entries if e.filename.endswith("/data.pkl") or e.filename == "data.pkl"]
-    if len(pickles) != 1:
-        raise EmbedsError("prompt_embeds archive must hold exactly one data.pkl record")
-    try:
-        return archive.read(pickles[0])
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
-        raise EmbedsError(f"prompt_embeds archive is corrupt: {exc}") from None
+# ---------------------------------------------------------------- the zip layer
+
+_LOCAL = struct.Struct("<IHHHHHIIIHH")              # local file header, then name and extra
+_CENTRAL = struct.Struct("<IHHHHHHIIIHHHHHII")      # central directory entry, then name
+_DESCRIPTOR = struct.Struct("<IIII")                # signature, crc, sizes (after the data)
+_ZIP64_END = struct.Struct("<IQHHIIQQQQ")
+_ZIP64_LOCATOR = struct.Struct("<IIQI")
+_END = struct.Struct("<IHHHHIIH")
+_SIG_LOCAL, _SIG_CENTRAL, _SIG_DESCRIPTOR = 0x04034B50, 0x02014B50, 0x08074B50
+_SIG_ZIP64_END, _SIG_ZIP64_LOCATOR, _SIG_END = 0x06064B50, 0x07064B50, 0x06054B50
+
+_FLAG_DESCRIPTOR, _FLAG_UTF8 = 0x0008, 0x0800
+_MAX_VERSION_NEEDED = 20     # 2.0: stored records; zip64 (4.5) and encryption are never needed
+_PADDING_FIELD = 0x4246      # the "FB" extra field torch pads records with to align their data
+
+# Record names torch.save writes under the archive's one top folder, with what each may hold.
+_META_RECORDS = {
+    "data.pkl": None,                                   # checked by _tensor_plan
+    "byteorder": re.compile(rb"little|big"),
+    "version": re.compile(rb"\d{1,4}\n?"),
+    ".data/version": re.compile(rb"\d{1,4}\n?"),
+    ".format_version": re.compile(rb"\d{1,4}"),
+    ".storage_alignment": re.compile(rb"\d{1,8}"),
+    ".data/serialization_id": re.compile(rb"\d{1,64}"),
+}
+_DATA_RECORD = re.compile(r"data/(\d{1,9})")
+_TOP_FOLDER = re.compile(r"[^/\\\x00-\x1f]{1,128}")
+# One tensor has one data record; room for a few more lets the pickle check say what a sparse
+# or nested tensor is rather than only that it has too many records.
+_MAX_RECORDS = len(_META_RECORDS) + 8
 
 
-def _is_data_record(name: str) -> bool:
-    parts = name.split("/")
-    return len(parts) >= 2 and parts[-2] == "data"
+@dataclass
+class _Entry:
+    """One record as its central directory entry declares it."""
+
+    name: str
+    flags: int
+    crc: int
+    size: int
+    offset: int
 
 
-def _check_pickle_globals(pickle_bytes: bytes) -> None:
-    """Refuse a pickle naming any global beyond those torch.save writes for one plain tensor.
+def _zip_error(detail: str) -> EmbedsError:
+    return EmbedsError(f"prompt_embeds is not a torch.save archive (expected base64 of "
+                       f"torch.save(tensor) bytes): {detail}")
 
-    torch.load(weights_only=True) never runs arbitrary code, but its allow-list still lets a
-    tiny pickle allocate without bound (``bytearray(n)``, quantized tensors of any declared
-    size) or build sparse and nested tensors. This scan reads the opcodes without executing
-    them. The weights-only unpickler imports through GLOBAL only, so every other importing
-    opcode is refused here too.
+
+def _unpack(layout: struct.Struct, raw: bytes, pos: int, signature: int, what: str) -> tuple:
+    if pos < 0 or pos + layout.size > len(raw):
+        raise _zip_error(f"the {what} lies outside the input")
+    fields = layout.unpack_from(raw, pos)
+    if fields[0] != signature:
+        raise _zip_error(f"no {what} where the archive places one")
+    return fields
+
+
+def _read_archive(raw: bytes, max_bytes: int) -> dict[str, bytes]:
+    """Check the whole zip structure; its records by name below the top folder.
+
+    The archive must start at offset 0 and end exactly where the input does, so nothing before
+    or after it (a legacy torch pickle at the head, a second archive at the tail) goes unchecked.
     """
+    if raw[:4] != _SIG_LOCAL.to_bytes(4, "little"):
+        raise _zip_error("it does not start with a zip local header (the legacy, non-zip "
+                         "torch.save format is not accepted)")
+    cd_offset, count = _directory_span(raw)
+    entries = _central_entries(raw, cd_offset, count)
+    top = _check_names([e.name for e in entries])
+    records = {name[len(top) + 1:]: data
+               for name, data in _local_records(raw, entries, cd_offset).items()}
+    _check_record_sizes(records, max_bytes)
+    return records
+
+
+def _directory_span(raw: bytes) -> tuple[int, int]:
+    """(offset, entry count) of the central directory, which must run up to the end records."""
+    end_pos = len(raw) - _END.size
+    (_, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment) = _unpack(
+        _END, raw, end_pos, _SIG_END, "end of central directory record at the end of the input")
+    if disk or cd_disk or comment or n_disk != n_total:
+        raise _zip_error("its end record declares several disks or a comment")
+    cd_end = end_pos
+    locator_pos = end_pos - _ZIP64_LOCATOR.size
+    if locator_pos >= 0 and raw[locator_pos:locator_pos + 4] == _SIG_ZIP64_LOCATOR.to_bytes(4, "little"):
+        n_total, cd_size, cd_offset, cd_end = _zip64_end(raw, locator_pos, (n_total, cd_size, cd_offset))
+    if n_total > _MAX_RECORDS:
+        raise _zip_error(f"it declares {n_total} records; torch.save writes at most {_MAX_RECORDS}")
+    if cd_offset + cd_size != cd_end:
+        raise _zip_error("its central directory does not end where its end records begin")
+    return cd_offset, n_total
+
+
+def _zip64_end(raw: bytes, locator_pos: int, classic: tuple[int, int, int]) -> tuple[int, ...]:
+    """torch writes zip64 end records even for small archives; they must agree with the classic one."""
+    _, disk, end64_pos, disks = _unpack(_ZIP64_LOCATOR, raw, locator_pos, _SIG_ZIP64_LOCATOR,
+                                        "zip64 end locator")
+    if disk or disks != 1 or end64_pos != locator_pos - _ZIP64_END.size:
+        raise _zip_error("its zip64 locator does not point right before itself")
+    (_, record_size, _made, needed, disk, cd_disk, n_disk, n_total, cd_size, cd_offset) = _unpack(
+        _ZIP64_END, raw, end64_pos, _SIG_ZIP64_END, "zip64 end record")
+    if record_size != _ZIP64_END.size - 12 or needed > 45 or disk or cd_disk or n_disk != n_total:
+        raise _zip_error("its zip64 end record is not a plain one")
+    for value, sentinel, value64 in zip(classic, (0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF),
+                                        (n_total, cd_size, cd_offset)):
+        if value not in (sentinel, value64):
+            raise _zip_error("its zip64 and classic end records disagree")
+    return n_total, cd_size, cd_offset, end64_pos
+
+
+def _central_entries(raw: bytes, cd_offset: int, count: int) -> list[_Entry]:
+    entries, pos = [], cd_offset
+    for _ in range(count):
+        (_, _made, needed, flags, method, _time, _date, crc, csize, usize, name_len, extra_len,
+         comment_len, disk, _int_attr, _ext_attr, offset) = _unpack(
+            _CENTRAL, raw, pos, _SIG_CENTRAL, "central directory entry")
+        name = _record_name(raw, pos + _CENTRAL.size, name_len, flags)
+        _check_record_header(name, needed, flags, method)
+        if extra_len or comment_len or disk:
+            raise _zip_error(f"its directory entry for {quote(name)} has extra fields, a comment "
+                             "or a disk number (zip64 and split archives are not accepted)")
+        if csize != usize:
+            raise _zip_error(f"record {quote(name)} is compressed; torch.save stores records as is")
+        entries.append(_Entry(name, flags, crc, usize, offset))
+        pos += _CENTRAL.size + name_len
+    return entries
+
+
+def _record_name(raw: bytes, pos: int, length: int, flags: int) -> str:
+    if pos + length > len(raw):
+        raise _zip_error("a record name runs past the end of the input")
     try:
-        for opcode, arg, _pos in pickletools.genops(pickle_bytes):
-            if opcode.name == "GLOBAL":
-                module, _, attr = str(arg).partition(" ")
-                _check_global(module, attr)
-            elif opcode.name in _IMPORTING_OPS:
-                raise EmbedsError(f"prompt_embeds pickle uses the {opcode.name} opcode, which "
-                                  "a torch.save tensor never does")
-    except EmbedsError:
-        raise
-    except Exception as exc:  # pickletools raises ValueError and others on malformed data
-        raise EmbedsError(f"prompt_embeds pickle is malformed: {str(exc)[:200]}") from None
+        return raw[pos:pos + length].decode("utf-8" if flags & _FLAG_UTF8 else "ascii")
+    except UnicodeDecodeError:
+        raise _zip_error("a record name is not valid text") from None
 
 
-def _check_global(module: str, attr: str) -> None:
-    if (module, attr) in _ALLOWED_GLOBALS:
-        return
+def _check_record_header(name: str, needed: int, flags: int, method: int) -> None:
+    if flags & ~(_FLAG_DESCRIPTOR | _FLAG_UTF8):
+        raise _zip_error(f"record {quote(name)} has flags {flags:#06x} (encrypted or otherwise "
+                         "not a plain stored record)")
+    if method != 0:
+        raise _zip_error(f"record {quote(name)} is compressed (method {method}); torch.save "
+                         "stores records as is")
+    if needed > _MAX_VERSION_NEEDED:
+        raise _zip_error(f"record {quote(name)} needs zip version {needed / 10:.1f}; torch.save "
+                         f"records need at most {_MAX_VERSION_NEEDED / 10:.1f}")
+
+
+def _check_names(names: list[str]) -> str:
+    """The one top folder of the names torch.save writes; no duplicates, even ignoring case."""
+    tops = {name.partition("/")[0] for name in names}
+    if len(tops) != 1 or not _TOP_FOLDER.fullmatch(top := tops.pop()) or top in (".", ".."):
+        raise _zip_error("its records do not share one top folder, as torch.save writes them")
+    folded = {name.casefold() for name in names}
+    if len(folded) != len(names):
+        raise _zip_error("it holds duplicate record names (ignoring case)")
+    below = [name[len(top) + 1:] for name in names]
+    for name in below:
+        if name not in _META_RECORDS and not _DATA_RECORD.fullmatch(name):
+            raise _zip_error(f"it holds a record {quote(top + '/' + name)}, which torch.save "
+                             "does not write")
+    if "data.pkl" not in below:
+        raise _zip_error("it holds no data.pkl record")
+    return top
+
+
+def _local_records(raw: bytes, entries: list[_Entry], cd_offset: int) -> dict[str, bytes]:
+    """Walk the local records from offset 0: each where its directory entry says, back to back."""
+    records, pos = {}, 0
+    for entry in entries:
+        if entry.offset != pos:
+            raise _zip_error(f"record {quote(entry.name)} is not where the previous one ends")
+        start, end, pos = _local_extent(raw, entry)
+        if pos > cd_offset:
+            raise _zip_error(f"record {quote(entry.name)} runs into the central directory")
+        data = raw[start:end]
+        if zlib.crc32(data) != entry.crc:
+            raise _zip_error(f"record {quote(entry.name)} fails its CRC check")
+        records[entry.name] = data
+    if pos != cd_offset:
+        raise _zip_error("there are bytes between its last record and its central directory")
+    return records
+
+
+def _local_extent(raw: bytes, entry: _Entry) -> tuple[int, int, int]:
+    """(data start, data end, next record) of one local record that agrees with its entry."""
+    (_, needed, flags, method, _time, _date, crc, csize, usize, name_len, extra_len) = _unpack(
+        _LOCAL, raw, entry.offset, _SIG_LOCAL, "local header")
+    name = _record_name(raw, entry.offset + _LOCAL.size, name_len, flags)
+    _check_record_header(name, needed, flags, method)
+    start = entry.offset + _LOCAL.size + name_len
+    _check_padding(raw, start, extra_len, name)
+    start += extra_len
+    end = after = start + entry.size
+    sizes = (entry.crc, entry.size, entry.size)
+    if flags & _FLAG_DESCRIPTOR:  # what torch writes: zeros here, the values after the data
+        after = end + _DESCRIPTOR.size
+        if _unpack(_DESCRIPTOR, raw, end, _SIG_DESCRIPTOR, "data descriptor")[1:] != sizes:
+            raise _zip_error(f"the data descriptor of {quote(name)} disagrees with its entry")
+        sizes = (0, 0, 0)
+    if name != entry.name or flags != entry.flags or (crc, csize, usize) != sizes:
+        raise _zip_error(f"the local header of {quote(entry.name)} disagrees with its "
+                         "directory entry")
+    return start, end, after
+
+
+def _check_padding(raw: bytes, pos: int, length: int, name: str) -> None:
+    """A local extra field may only be torch's alignment padding."""
+    end = pos + length
+    if end > len(raw):
+        raise _zip_error(f"the extra field of {quote(name)} runs past the end of the input")
+    while pos < end:
+        if pos + 4 > end:
+            raise _zip_error(f"the extra field of {quote(name)} is malformed")
+        field_id, size = struct.unpack_from("<HH", raw, pos)
+        if field_id != _PADDING_FIELD or pos + 4 + size > end:
+            raise _zip_error(f"record {quote(name)} has an extra field torch.save does not write "
+                             f"(id {field_id:#06x})")
+        pos += 4 + size
+
+
+def _check_record_sizes(records: dict[str, bytes], max_bytes: int) -> None:
+    for name, data in records.items():
+        if _DATA_RECORD.fullmatch(name):
+            if len(data) > max_bytes:
+                raise _too_large("the declared tensor storage", len(data), max_bytes)
+        elif name == "data.pkl":
+            if len(data) > MAX_PICKLE_BYTES:
+                raise EmbedsError(f"prompt_embeds data.pkl is {len(data)} bytes; torch.save "
+                                  f"writes at most {MAX_PICKLE_BYTES} for one tensor")
+        elif not _META_RECORDS[name].fullmatch(data):
+            raise _zip_error(f"its {name} record holds {quote(data)}, which torch.save does not "
+                             "write")
+
+
+# ---------------------------------------------------------------- the pickle layer
+
+# The storage classes of the accepted dtypes, with their element sizes.
+_STORAGES = {"FloatStorage": 4, "BFloat16Storage": 2, "HalfStorage": 2, "DoubleStorage": 8}
+# One letter per opcode; GLOBAL and BINUNICODE get a letter per accepted value.
+_GLOBAL_TOKENS = {
+    "torch._utils _rebuild_tensor_v2": "T",
+    "torch._utils _rebuild_parameter": "A",
+    "collections OrderedDict": "O",
+    **{f"torch {name}": "S" for name in _STORAGES},
+}
+_OP_TOKENS = {
+    "MARK": "(", "TUPLE": "t", "TUPLE1": "1", "TUPLE2": "2", "TUPLE3": "3", "EMPTY_TUPLE": ")",
+    "BININT1": "i", "BININT2": "i", "BININT": "i", "LONG1": "i", "NEWTRUE": "b", "NEWFALSE": "b",
+    "BINPERSID": "Q", "REDUCE": "R", "EMPTY_DICT": "d", "SETITEM": "s", "SETITEMS": "u",
+    "STOP": ".",
+}
+_STRING_TOKENS = ((re.compile("storage"), "x"), (re.compile(r"\d{1,9}"), "k"),
+                  (re.compile("neg|conj"), "n"), (re.compile(r"[a-z]{1,16}(:\d{1,4})?"), "l"))
+_INTS = r"(?:\)|i1|ii2|iii3|\(i*t)"
+# What torch.save writes for one tensor: _rebuild_tensor_v2(persistent storage id, offset, size,
+# stride, requires_grad, OrderedDict() [, {"neg"/"conj": bool}]), for an nn.Parameter wrapped in
+# _rebuild_parameter(tensor, requires_grad, OrderedDict()).
+_TENSOR_PICKLE = re.compile(
+    r"P(?P<param>A)?T\(\(x(?P<storage>S)(?P<key>k)l(?P<numel>i)tQ(?P<offset>i)"
+    rf"(?P<size>{_INTS})(?P<stride>{_INTS})bO\)R(?:d(?:nbs|\((?:nb)+u))?tR(?(param)bO\)R3R)\.")
+
+
+@dataclass
+class _TensorPlan:
+    """What a checked data.pkl will make torch.load build."""
+
+    itemsize: int
+    key: str
+    numel: int
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _tensor_plan(pickle_bytes: bytes) -> _TensorPlan:
+    """Read data.pkl opcode by opcode, without running it, against what torch.save writes."""
+    tokens, args = _pickle_tokens(pickle_bytes)
+    match = _TENSOR_PICKLE.fullmatch("".join(tokens))
+    if match is None:
+        raise _not_one_tensor("its data.pkl is not what torch.save writes for one")
+
+    def ints(group: str) -> tuple[int, ...]:
+        return tuple(args[i] for i in range(*match.span(group)) if tokens[i] == "i")
+
+    return _TensorPlan(itemsize=args[match.start("storage")], key=args[match.start("key")],
+                       numel=ints("numel")[0], offset=ints("offset")[0],
+                       size=ints("size"), stride=ints("stride"))
+
+
+def _pickle_tokens(pickle_bytes: bytes) -> tuple[list[str], list]:
+    tokens, args, memo = [], [], {}
+    for opcode, arg, pos in pickletools.genops(pickle_bytes):
+        if len(tokens) >= MAX_PICKLE_OPS:
+            raise _not_one_tensor(f"its data.pkl has more than {MAX_PICKLE_OPS} opcodes")
+        name = opcode.name
+        if name == "BINPUT":  # memo writes: track which slot holds the OrderedDict class
+            memo[arg] = tokens[-1] if tokens else None
+            continue
+        token, value = _pickle_token(name, arg, memo)
+        tokens.append(token)
+        args.append(value)
+        if token == "." and pos != len(pickle_bytes) - 1:
+            raise _not_one_tensor("its data.pkl has bytes after its STOP opcode")
+    return tokens, args
+
+
+def _pickle_token(name: str, arg, memo: dict) -> tuple[str, object]:
+    if name == "PROTO" and arg in (2, 3):  # torch's default; 3 writes the same opcodes here
+        return "P", None
+    if name == "GLOBAL":
+        token = _GLOBAL_TOKENS.get(arg)
+        if token is None:
+            _refuse_global(*str(arg).partition(" ")[::2])
+        return token, _STORAGES.get(arg.partition(" ")[2])
+    if name == "BINGET" and memo.get(arg) == "O":  # nn.Parameter reuses the OrderedDict class
+        return "O", None
+    if name == "BINUNICODE":
+        token = next((t for pattern, t in _STRING_TOKENS if pattern.fullmatch(arg)), "?")
+        return token, arg
+    if name in _OP_TOKENS:
+        if name == "LONG1" and not -2 ** 63 <= arg < 2 ** 63:
+            raise _not_one_tensor("its data.pkl holds an integer out of 64-bit range")
+        return _OP_TOKENS[name], arg
+    protocol = f" with protocol {quote(arg)}" if name == "PROTO" else ""
+    raise _not_one_tensor(f"its data.pkl uses the {name} opcode{protocol}, which torch.save "
+                          "never writes for one")
+
+
+def _not_one_tensor(detail: str) -> EmbedsError:
+    return EmbedsError("prompt_embeds must be a torch.Tensor saved with torch.save (one dense "
+                       f"tensor, default pickle protocol): {detail}")
+
+
+def _refuse_global(module: str, attr: str) -> None:
     if attr.endswith("Storage"):
-        reason = (f"its data is a {module}.{attr}; prompt_embeds must be float32, bfloat16, "
-                  "float16 or float64")
+        reason = (f"its data is a {quote(module + '.' + attr)}; prompt_embeds must be float32, "
+                  "bfloat16, float16 or float64")
     elif "sparse" in attr:
         reason = "it is a sparse tensor; prompt_embeds must be a dense tensor"
     elif "qtensor" in attr:
@@ -216,32 +505,45 @@ def _check_global(module: str, attr: str) -> None:
     elif "nested" in attr:
         reason = "it is a nested tensor; prompt_embeds must be a plain dense tensor"
     else:
-        reason = f"its pickle refers to {module}.{attr}, which is not accepted"
+        reason = f"its pickle refers to {quote(module + '.' + attr)}, which is not accepted"
     raise EmbedsError("prompt_embeds must be one plain dense floating tensor saved with "
                       f"torch.save: {reason}")
 
 
-def _tensor_to_array(obj, *, hidden_size: int, max_bytes: int) -> np.ndarray:
+def _check_plan(plan: _TensorPlan, records: dict[str, bytes], max_bytes: int) -> None:
+    """The pickle's storage, shape and strides must agree with the archive and the cap."""
+    data = records.get(f"data/{plan.key}")
+    if data is None or sum(1 for name in records if _DATA_RECORD.fullmatch(name)) != 1:
+        raise EmbedsError(f"prompt_embeds archive must hold exactly one data record, the "
+                          f"data/{plan.key} its pickle refers to")
+    if plan.numel * plan.itemsize != len(data):
+        raise EmbedsError(f"prompt_embeds pickle declares a storage of {plan.numel} elements, but "
+                          f"its record holds {len(data)} bytes")
+    if len(plan.size) != len(plan.stride) or min(plan.size + plan.stride + (plan.offset,),
+                                                 default=0) < 0:
+        raise EmbedsError("prompt_embeds pickle declares a malformed shape or strides")
+    declared = math.prod(plan.size) * plan.itemsize
+    if declared > max_bytes:
+        raise _too_large(f"the declared tensor {quote(plan.size)}", declared, max_bytes)
+    last = plan.offset + sum((n - 1) * s for n, s in zip(plan.size, plan.stride))
+    if 0 not in plan.size and last >= plan.numel:
+        raise EmbedsError(f"prompt_embeds pickle declares a view of shape {quote(plan.size)} "
+                          "beyond the end of its storage")
+
+
+# ---------------------------------------------------------------- the loaded tensor
+
+def _tensor_to_array(obj, plan: _TensorPlan, *, hidden_size: int) -> np.ndarray:
     if type(obj) not in (torch.Tensor, torch.nn.Parameter):
         raise EmbedsError(f"prompt_embeds must be a torch.Tensor of shape (seq_len, "
                           f"{hidden_size}), got a {type(obj).__name__}")
-    if obj.layout != torch.strided:
-        raise EmbedsError(f"prompt_embeds must be a dense tensor, got layout {obj.layout}; "
-                          "sparse tensors are not accepted")
-    if obj.is_quantized or obj.is_nested or obj.device.type != "cpu":
-        raise EmbedsError("prompt_embeds must be a plain dense tensor (not quantized, nested "
-                          "or on a device)")
-    if obj.dtype not in _TORCH_DTYPES:
-        raise EmbedsError(f"prompt_embeds must be float32, bfloat16, float16 or float64, got "
-                          f"{obj.dtype}")
-    # A pickle may declare a shape larger than its storage (zero strides); check the shape
-    # itself before anything is made contiguous.
-    declared = math.prod(obj.shape) * obj.element_size()
-    if declared > max_bytes:
-        raise _too_large(f"the declared tensor {tuple(obj.shape)} {obj.dtype}", declared,
-                         max_bytes)
-    seq_len, hidden = _seq_shape(tuple(obj.shape), hidden_size)
-    tensor = obj.detach().reshape(seq_len, hidden)
+    if (obj.layout != torch.strided or obj.is_quantized or obj.is_nested
+            or obj.device.type != "cpu" or obj.dtype not in _TORCH_DTYPES
+            or tuple(obj.shape) != plan.size or tuple(obj.stride()) != plan.stride):
+        raise EmbedsError("prompt_embeds loaded as something other than what its pickle declares")
+    seq_len, hidden = _seq_shape(plan.size, hidden_size)
+    # The neg/conj bits are lazy views that numpy refuses; resolving them copies at most max_bytes.
+    tensor = obj.detach().resolve_neg().resolve_conj().reshape(seq_len, hidden)
     if tensor.dtype != torch.float16:
         tensor = tensor.to(torch.float32)
     tensor = tensor.contiguous()
@@ -254,6 +556,7 @@ def _tensor_to_array(obj, *, hidden_size: int, max_bytes: int) -> np.ndarray:
 
 # ---------------------------------------------------------------- msgpack raw entries
 
+@_only_embeds_errors
 def decode_raw_embeds(entry: dict, *, hidden_size: int, max_bytes: int) -> np.ndarray:
     """Decode ``{"dtype", "shape", "data"}`` (raw little-endian bytes) without any pickle."""
     if not isinstance(entry, dict):
@@ -263,21 +566,17 @@ def decode_raw_embeds(entry: dict, *, hidden_size: int, max_bytes: int) -> np.nd
     if keys != _RAW_KEYS:
         missing, extra = sorted(_RAW_KEYS - keys, key=str), sorted(keys - _RAW_KEYS, key=str)
         raise EmbedsError(f"a raw prompt_embeds entry must have exactly the keys dtype, shape, "
-                          f"data (missing {missing}, unexpected {extra})")
+                          f"data (missing {missing}, unexpected {quote(extra)})")
     dtype_name, shape, data = entry["dtype"], entry["shape"], entry["data"]
     if not isinstance(dtype_name, str) or dtype_name not in _RAW_DTYPES:
         raise EmbedsError(f"raw prompt_embeds dtype must be one of {sorted(_RAW_DTYPES)}, got "
-                          f"{dtype_name!r}")
-    if (not isinstance(shape, (list, tuple)) or not shape
-            or any(type(d) is not int for d in shape)):
-        raise EmbedsError(f"raw prompt_embeds shape must be a list of integers, got {shape!r}")
-    if any(d <= 0 for d in shape):
-        raise EmbedsError(f"raw prompt_embeds shape dimensions must be > 0, got {list(shape)}")
+                          f"{quote(dtype_name)}")
+    shape = _raw_shape(shape, hidden_size)
     wire_dtype = _RAW_DTYPES[dtype_name]
     declared = math.prod(shape) * wire_dtype.itemsize
     if declared > max_bytes:
-        raise _too_large(f"the declared tensor {tuple(shape)} {dtype_name}", declared, max_bytes)
-    seq_len, hidden = _seq_shape(tuple(shape), hidden_size)
+        raise _too_large(f"the declared tensor {shape} {dtype_name}", declared, max_bytes)
+    seq_len, hidden = _seq_shape(shape, hidden_size)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise EmbedsError(f"raw prompt_embeds data must be binary, got {type(data).__name__}")
     nbytes = memoryview(data).nbytes
@@ -291,3 +590,15 @@ def decode_raw_embeds(entry: dict, *, hidden_size: int, max_bytes: int) -> np.nd
         array = np.ascontiguousarray(wire, dtype=wire_dtype.newbyteorder("="))
     _check_finite(array)
     return array
+
+
+def _raw_shape(shape, hidden_size: int) -> tuple[int, ...]:
+    """A msgpack shape as a tuple of positive ints of rank 2 or 3 (checked before any product)."""
+    if (not isinstance(shape, (list, tuple)) or not shape
+            or any(type(d) is not int for d in shape)):
+        raise EmbedsError(f"raw prompt_embeds shape must be a list of integers, got {quote(shape)}")
+    if any(d <= 0 for d in shape):
+        raise EmbedsError(f"raw prompt_embeds shape dimensions must be > 0, got {quote(shape)}")
+    if len(shape) > 3:
+        raise _shape_error(hidden_size, shape)
+    return tuple(shape)

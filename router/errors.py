@@ -3,6 +3,7 @@ that make sure nothing a client sends is answered with a 500."""
 from __future__ import annotations
 
 import logging
+import reprlib
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,9 +26,37 @@ _TYPES = {
 }
 
 
+# How much of a client-sent value an error message may quote, and how long a message may be.
+QUOTE_CHARS = 64
+MAX_MESSAGE_CHARS = 1024
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 8, 8, 4
+_REPR.maxstring = _REPR.maxother = QUOTE_CHARS
+
+
+def quote(value, limit: int = QUOTE_CHARS) -> str:
+    """repr() of a client-sent value, cut to a short prefix: errors must not echo megabytes back."""
+    if isinstance(value, (str, bytes, bytearray)):
+        text = repr(value[:limit + 1])  # never repr() the whole of a 10 MB value
+    elif isinstance(value, int) and value.bit_length() > 64:
+        text = f"<an integer of {value.bit_length()} bits>"  # repr() refuses huge ints
+    else:
+        text = _REPR.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _capped(message: str) -> str:
+    if len(message) <= MAX_MESSAGE_CHARS:
+        return message
+    return message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
+
+
 class APIError(Exception):
     def __init__(self, message: str, status: int = 400, *, param: str | None = None,
                  code: str | None = None, type: str | None = None, headers: dict | None = None):
+        message = _capped(message)
         super().__init__(message)
         self.message = message
         self.status = status
@@ -60,9 +89,11 @@ def from_validation_errors(errors: list[dict]) -> APIError:
     """One 400 naming each bad field (never echoing the input: it may be megabytes of base64)."""
     parts, params = [], []
     for e in errors[:10]:
-        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
+        # a location may hold client-sent map keys, a message the value itself: keep both short
+        loc = ".".join(str(x)[:QUOTE_CHARS] for x in e.get("loc", ()) if x != "body")
+        msg = str(e.get("msg", "invalid value"))[:2 * QUOTE_CHARS]
         params.append(loc)
-        parts.append(f"{loc}: {e.get('msg', 'invalid value')}" if loc else e.get("msg", "invalid value"))
+        parts.append(f"{loc}: {msg}" if loc else msg)
     return APIError("; ".join(parts) or "invalid request", 400, param=params[0] if params else None)
 
 

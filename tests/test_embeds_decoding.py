@@ -270,9 +270,9 @@ def test_real_tensor_over_cap_is_413():
     assert decode(b64_of(t), max_bytes=2 * CAP).shape == t.shape
 
 
-def test_zip_bomb_record_declaring_huge_size_is_413():
-    # A deflated record: 64 MiB of zeros in about 64 KiB. torch.save never compresses, and the
-    # declared uncompressed size is refused from the zip directory before anything is read.
+def test_zip_bomb_record_is_refused_from_its_header():
+    # A deflated record: 64 MiB of zeros in about 64 KiB. torch.save never compresses: the
+    # record is refused from its directory entry before anything is inflated.
     out = io.BytesIO()
     with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("archive/data.pkl", b"\x80\x02.")
@@ -282,7 +282,7 @@ def test_zip_bomb_record_declaring_huge_size_is_413():
                 record.write(chunk)
     payload = out.getvalue()
     assert len(payload) < 1 << 20
-    assert "declared tensor storage" in refused(b64(payload), status=413)
+    assert "compressed" in refused(b64(payload))
 
 
 def test_zero_stride_tensor_declaring_a_terabyte_is_413_without_allocating():
@@ -301,7 +301,7 @@ def test_storage_numel_larger_than_its_record_is_refused():
     # The pickle claims a 2**30-element storage for a 64-byte record.
     raw = saved(torch.zeros(2, HIDDEN))
     numel = b"X\x03\x00\x00\x00cpuq\x04K\x10t"
-    assert "could not be loaded" in refused(b64(rewrite_pickle(
+    assert "storage of 1073741824 elements" in refused(b64(rewrite_pickle(
         raw, numel, b"X\x03\x00\x00\x00cpuq\x04J\x00\x00\x00\x40t")))
 
 
