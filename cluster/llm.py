@@ -53,7 +53,7 @@ class LLM:
         for i, (prompt, params) in enumerate(zip(prepared, params_list)):
             request_id = f"offline-{next(self._ids)}"
             order[request_id] = i
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, final_only=True)
 
         results: list[RequestOutput | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)

@@ -33,6 +33,8 @@ class EngineConfig:
     tokenizer: str | None = None
     served_model_name: str | None = None
     num_threads: int | None = None  # torch intra-op threads on the CPU
+    attention_backend: str | None = None  # None: "triton" on CUDA, "torch" (the reference) elsewhere
+    enforce_eager: bool = False  # True: no CUDA graphs for decode steps
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

@@ -1,8 +1,15 @@
-"""Incremental detokenization: text grows token by token without splitting multi-byte characters."""
+"""Incremental detokenization: text grows token by token without splitting multi-byte characters.
+
+Each emitted token costs one decode: the text of the window up to the last emitted token is kept
+from the previous decode instead of being decoded again. Tokens may also be pushed without
+decoding and flushed later in one decode (offline requests decode once, at the end).
+"""
 from __future__ import annotations
 
-# How many earlier tokens give the decoder context (leading spaces of word pieces, byte merges).
+# Earlier tokens kept as decoding context (leading spaces of word pieces, byte merges).
 _CONTEXT_TOKENS = 5
+# Window length (tokens) after which the window start moves up to the context.
+_MAX_WINDOW = 32
 
 
 class IncrementalDetokenizer:
@@ -10,9 +17,9 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids = list(context_ids[-_CONTEXT_TOKENS:])
-        self.prefix_offset = 0
-        self.read_offset = len(self.ids)
-        self.num_context = len(self.ids)
+        self.prefix_offset = 0  # the decode window starts here
+        self.read_offset = len(self.ids)  # tokens before this are in `text`
+        self._read_text: str | None = None  # decode of ids[prefix_offset:read_offset] (None: not known)
         self.text = ""
         self._vocab_limit = len(tokenizer)
 
@@ -21,24 +28,45 @@ class IncrementalDetokenizer:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
                                      clean_up_tokenization_spaces=False)
 
+    def push(self, token_id: int) -> None:
+        """Append a token without decoding it yet."""
+        self.ids.append(token_id)
+
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes ('' while a character is still partial)."""
         self.ids.append(token_id)
-        before = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        after = self._decode(self.ids[self.prefix_offset:])
-        if len(after) > len(before) and not after.endswith("\ufffd"):
-            delta = after[len(before):]
-            self.text += delta
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            self._trim()
-            return delta
-        return ""
+        return self.flush()
 
-    def _trim(self) -> None:
-        """Forget ids before the decode window so long generations stay cheap."""
-        if self.prefix_offset > 64:
-            cut = self.prefix_offset
-            self.ids = self.ids[cut:]
-            self.prefix_offset -= cut
-            self.read_offset -= cut
+    def flush(self) -> str:
+        """Decode the pending tokens; return the new text."""
+        pending = len(self.ids) - self.read_offset
+        if pending == 0:
+            return ""
+        delta = self._emit()
+        if not delta and pending > 1:  # the batch ends in a partial character: emit what precedes it
+            tail = self.ids[self.read_offset:]
+            del self.ids[self.read_offset:]
+            delta = "".join(self.add(t) for t in tail)
+        return delta
+
+    def _emit(self) -> str:
+        if self._read_text is None:
+            self._read_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        after = self._decode(self.ids[self.prefix_offset:])
+        if len(after) <= len(self._read_text) or after.endswith("\ufffd"):
+            return ""
+        delta = after[len(self._read_text):]
+        self.text += delta
+        self.read_offset = len(self.ids)
+        self._read_text = after
+        if self.read_offset - self.prefix_offset > _MAX_WINDOW:
+            self._slide()
+        return delta
+
+    def _slide(self) -> None:
+        """Start the window a few tokens before the read offset; forget ids before it."""
+        cut = self.read_offset - _CONTEXT_TOKENS
+        self.ids = self.ids[cut:]
+        self.prefix_offset = 0
+        self.read_offset -= cut
+        self._read_text = None

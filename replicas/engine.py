@@ -107,29 +107,33 @@ class LLMEngine:
     def validate_prompt(self, prompt, params: SamplingParams) -> None:
         self.prepare(prompt, params)
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams) -> None:
-        """Queue a request; `prompt` may be what prepare() returned for these params."""
+    def add_request(self, request_id: str, prompt, params: SamplingParams, *, final_only: bool = False) -> None:
+        """Queue a request; `prompt` may be what prepare() returned for these params.
+        final_only: step() reports the request once, when it finishes (offline generate), and its
+        text is decoded then unless stop strings need it every step."""
         prepared = prompt if isinstance(prompt, PreparedPrompt) and prompt.params is params \
             else self.prepare(prompt, params)
         with self._ids_lock:
             if request_id in self._pending_ids:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._pending_ids.add(request_id)
-        self._inbox.put(_Add(self._make_request(request_id, prepared.prompt, params, prepared.max_tokens)))
+        request = self._make_request(request_id, prepared.prompt, params, prepared.max_tokens, final_only)
+        self._inbox.put(_Add(request))
 
     def _make_request(self, request_id: str, p: ProcessedPrompt, params: SamplingParams,
-                      max_tokens: int) -> Request:
+                      max_tokens: int, final_only: bool) -> Request:
         seqs = []
         for i in range(params.n):
-            generator = None if params.seed is None else torch.Generator().manual_seed(params.seed + i)
+            generator = None if params.seed is None else \
+                torch.Generator(device=self.device).manual_seed(params.seed + i)
             context = p.prompt_token_ids or []
             seqs.append(Sequence(
                 request_id=request_id, index=i, params=params, token_ids=p.sequence_token_ids,
                 num_prompt_tokens=p.num_tokens, prompt_embeds=p.prompt_embeds,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, context, params.skip_special_tokens),
-                generator=generator, max_tokens=max_tokens,
+                generator=generator, max_tokens=max_tokens, eager_text=bool(params.stop_list) or not final_only,
                 prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None))
-        return Request(request_id, p.prompt, p.prompt_token_ids, params, seqs, time.time())
+        return Request(request_id, p.prompt, p.prompt_token_ids, params, seqs, time.time(), final_only)
 
     def abort_request(self, request_id: str) -> None:
         self._inbox.put(_Abort(request_id))
@@ -147,6 +151,8 @@ class LLMEngine:
         changed: dict[str, Request] = {}
         self._drain_inbox(changed)
         sched = self.scheduler.schedule()
+        for seq in sched.preempted:
+            self.runner.release(seq)
         if not sched.empty:
             result = self.runner.execute(sched)
             self.scheduler.after_step(sched)
@@ -155,8 +161,10 @@ class LLMEngine:
             sampling = [s.seq for s in sched.scheduled if s.samples]
             for seq, sample in zip(sampling, result.samples):
                 self._append_token(seq, sample)
-                changed[seq.request_id] = self._requests[seq.request_id]
-        outputs = [self._output(r) for r in changed.values()]
+                request = self._requests[seq.request_id]
+                if not request.final_only or seq.finished:
+                    changed[seq.request_id] = request
+        outputs = [self._output(r) for r in changed.values() if r.finished or not r.final_only]
         for r in changed.values():
             if r.finished:
                 self._forget(r.request_id)
@@ -179,7 +187,9 @@ class LLMEngine:
                 for seq in request.seqs:
                     if not seq.finished:
                         seq.finish_reason = "abort"
+                        seq.detokenizer.flush()
                         self.scheduler.finish(seq)
+                        self.runner.release(seq)
                 changed[request.request_id] = request
 
     def _forget(self, request_id: str) -> None:
@@ -200,14 +210,16 @@ class LLMEngine:
             self._finish(seq, "stop", token)
         elif can_stop and not p.ignore_eos and token in self.model_config.eos_token_ids:
             self._finish(seq, "stop", None)
-        else:
+        elif seq.eager_text:
             delta = seq.detokenizer.add(token)
             if delta and p.stop_list and can_stop:
                 self._check_stop_strings(seq, len(delta))
+        else:
+            seq.detokenizer.push(token)
         if not seq.finished and (seq.num_output_tokens >= seq.max_tokens
                                  or seq.num_tokens >= self.model_config.max_model_len):
             self._finish(seq, "length", None)
-        if not seq.finished:
+        if not seq.finished and seq.eager_text:
             hold = max((len(s) for s in p.stop_list), default=1) - 1
             seq.visible_text_len = max(seq.visible_text_len, len(seq.detokenizer.text) - hold)
 
@@ -228,8 +240,10 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.detokenizer.flush()
         seq.visible_text_len = len(seq.detokenizer.text)
         self.scheduler.finish(seq)
+        self.runner.release(seq)
 
     def _output(self, r: Request) -> RequestOutput:
         outputs = [CompletionOutput(

@@ -1,43 +1,29 @@
-"""Builds one flattened batch per step (prefill chunks and decodes, token ids and embeds rows
-mixed), runs the model over the paged KV cache, and samples."""
+"""Runs one scheduled step on the device: builds the flattened batch (prefill chunks and decodes,
+token ids and embeds rows mixed), runs the model over the paged KV cache (a captured CUDA graph
+for decode batches on CUDA), and samples."""
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
-from replicas.attention import AttentionMetadata, get_attention_backend
+from replicas.attention import get_attention_backend
+from replicas.block_tables import DeviceBlockTables
 from replicas.config import EngineConfig, ModelConfig
+from replicas.cuda_graphs import DecodeGraphs, graph_batch_sizes
 from replicas.loader import ModelSource
 from replicas.models.llama import LlamaForCausalLM
 from replicas.sampler import SampleResult, Sampler
 from replicas.scheduler import SchedulerOutput
 from replicas.sequence import Sequence
+from replicas.step_inputs import PromptLogprobRows, StepBatch, StepInputBuilder
 
 logger = logging.getLogger(__name__)
 
 _PROMPT_LOGPROB_SLICE = 256
-
-
-@dataclass
-class ModelInputs:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    embeds_mask: torch.Tensor  # [T] bool: row takes a supplied embedding
-    embeds_rows: torch.Tensor | None  # [mask.sum(), hidden]
-    meta: AttentionMetadata
-    sample_rows: torch.Tensor  # [S] flat row whose logits yield each sampling sequence's token
-    prompt_logprob_rows: list[PromptLogprobRows]
-
-
-@dataclass
-class PromptLogprobRows:
-    """Rows of one sequence's prefill chunk whose logits score the next prompt token."""
-
-    seq: Sequence
-    rows: list[int]  # flat rows
-    targets: list[int]  # the prompt token each row predicts
+_GRAPH_MEMORY_RESERVE = 512 * 1024**2  # captured graphs' pool and allocator slack
 
 
 @dataclass
@@ -59,11 +45,21 @@ class ModelRunner:
         else:
             self.model.load_hf_state_dict(source.state_dict)
         self.model.eval()
-        self.backend = get_attention_backend(device)
+        self.max_seqs = max(cfg.max_num_seqs, 1)
+        self.max_rows = max(cfg.max_num_batched_tokens, self.max_seqs)
+        self.backend = get_attention_backend(device, cfg.attention_backend, num_heads=model_cfg.num_heads,
+                                             num_kv_heads=model_cfg.num_kv_heads, head_dim=model_cfg.head_dim,
+                                             max_decode_batch=self.max_seqs)
+        self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, cfg.seed, device)
+        max_blocks_per_seq = -(-model_cfg.max_model_len // self.block_size)
+        self.tables = DeviceBlockTables(self.max_seqs, max_blocks_per_seq, device)
+        self.inputs = StepInputBuilder(self.max_rows, self.max_seqs, self.block_size, self.tables, device, dtype)
         self.num_blocks = self._num_kv_blocks()
         shape = (2, self.num_blocks, self.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_cfg.num_layers)]
-        self.sampler = Sampler(model_cfg.vocab_size, model_cfg.eos_token_ids, cfg.seed)
+        self.graphs = self._capture_graphs()
+
+    # ---- start-up ----------------------------------------------------------------------------
 
     def _bytes_per_block(self) -> int:
         m = self.model_cfg
@@ -74,9 +70,7 @@ class ModelRunner:
         if self.cfg.num_gpu_blocks_override:
             return self.cfg.num_gpu_blocks_override
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            reserve = 2 * 1024**3  # activations and sampler work space
-            budget = int(total * self.cfg.gpu_memory_utilization) - (total - free) - reserve
+            budget = self._cuda_kv_budget()
         else:
             budget = int(self.cfg.kv_cache_memory_gb * 1024**3)
         blocks = budget // self._bytes_per_block()
@@ -84,75 +78,95 @@ class ModelRunner:
             raise ValueError("no memory left for the KV cache; lower the model size or raise the budget")
         return int(blocks)
 
+    def _cuda_kv_budget(self) -> int:
+        """Memory left for KV blocks after the largest step's activations, measured by running it."""
+        peak = self._profile_peak_activation_bytes()
+        free, total = torch.cuda.mem_get_info(self.device)
+        return int(total * self.cfg.gpu_memory_utilization) - (total - free) - peak - _GRAPH_MEMORY_RESERVE
+
+    @torch.inference_mode()
+    def _profile_peak_activation_bytes(self) -> int:
+        """A prefill of max_num_batched_tokens rows (one sequence over a scratch cache) plus logits and
+        sampling for max_num_seqs rows."""
+        rows, m = self.max_rows, self.model_cfg
+        scratch_blocks = -(-rows // self.block_size)
+        scratch = [torch.zeros((2, scratch_blocks, self.block_size, m.num_kv_heads, m.head_dim), dtype=self.dtype,
+                               device=self.device) for _ in range(m.num_layers)]
+        torch.cuda.synchronize(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.tables.table[0, :scratch_blocks] = torch.arange(scratch_blocks, dtype=torch.int32, device=self.device)
+        positions = torch.arange(rows, device=self.device)
+        meta = self._profile_meta(rows, positions)
+        self.backend.prepare(meta)
+        hidden = self.model(self.model.embed(positions % m.vocab_size), positions, scratch, meta, self.backend)
+        logits = self.model.compute_logits(hidden[: self.max_seqs])
+        torch.softmax(logits, dim=-1).sort(dim=-1)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        del scratch, hidden, logits
+        self.tables.table[0].zero_()
+        torch.cuda.empty_cache()
+        return peak
+
+    def _profile_meta(self, rows: int, positions: torch.Tensor):
+        from replicas.attention import AttentionMetadata
+
+        dev = self.device
+        return AttentionMetadata(
+            slot_mapping=positions, query_start_loc=torch.tensor([0, rows], device=dev),
+            seq_lens=torch.tensor([rows], device=dev), block_tables=self.tables.table,
+            seq_rows=torch.zeros(1, dtype=torch.long, device=dev), max_query_len=rows, max_seq_len=rows,
+            block_size=self.block_size)
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        if self.device.type != "cuda" or self.cfg.enforce_eager or self.backend.name != "triton":
+            return None
+        t0 = time.perf_counter()
+        m = self.model_cfg
+        graphs = DecodeGraphs(self.model, self.kv_caches, self.backend, m.hidden_size, self.dtype, self.device,
+                              graph_batch_sizes(self.max_seqs))
+        for size in reversed(graphs.sizes):  # largest first: smaller graphs reuse its memory pool
+            batch = self.inputs.build(SchedulerOutput(), pad_to=size)
+            graphs.capture(size, batch.positions, batch.meta)
+        torch.cuda.synchronize(self.device)
+        logger.info("captured %d decode graphs (batch %d..%d) in %.1f s", len(graphs.sizes), graphs.sizes[0],
+                    graphs.sizes[-1], time.perf_counter() - t0)
+        return graphs
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    def release(self, seq: Sequence) -> None:
+        """The sequence gave back its KV blocks (finished, aborted or preempted)."""
+        self.tables.release(seq)
+
     @torch.inference_mode()
     def input_embeddings(self, token_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
         return self.model.embed_tokens(ids).detach().cpu()
 
-    def _prepare(self, out: SchedulerOutput) -> ModelInputs:
-        bs = self.block_size
-        ids, positions, mask, rows, sample_rows = [], [], [], [], []
-        q_starts, seq_lens, tables = [0], [], []
-        prompt_rows: list[PromptLogprobRows] = []
-        for s in out.scheduled:
-            seq, start, end = s.seq, s.start, s.start + s.num_new_tokens
-            ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            n_embeds = max(0, min(end, seq.num_embeds) - start)
-            mask.extend([True] * n_embeds + [False] * (end - start - n_embeds))
-            if n_embeds:
-                rows.append(seq.prompt_embeds[start:start + n_embeds])
-            q_starts.append(q_starts[-1] + end - start)
-            seq_lens.append(end)
-            tables.append(seq.block_table)
-            if s.samples:
-                sample_rows.append(q_starts[-1] - 1)
-            if seq.wants_prompt_logprobs:
-                # Position p scores prompt token p + 1; skip targets an earlier run (before a preemption) scored.
-                first = max(start, len(seq.prompt_logprobs) - 1)
-                last = min(end, seq.num_prompt_tokens - 1)
-                if first < last:
-                    base = q_starts[-2] - start
-                    prompt_rows.append(PromptLogprobRows(seq, [base + p for p in range(first, last)],
-                                                         seq.token_ids[first + 1:last + 1]))
-
-        dev = self.device
-        pos_t = torch.tensor(positions, dtype=torch.long)
-        max_blocks = max(len(t) for t in tables)
-        table_t = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32)
-        seq_index = torch.repeat_interleave(torch.arange(len(tables)),
-                                            torch.tensor([q_starts[i + 1] - q_starts[i] for i in range(len(tables))]))
-        slots = table_t[seq_index, pos_t // bs].long() * bs + pos_t % bs
-        q_start_t = torch.tensor(q_starts, dtype=torch.int32)
-        meta = AttentionMetadata(
-            slot_mapping=slots.to(dev),
-            query_start_loc=q_start_t.to(dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=table_t.to(dev),
-            max_query_len=max(s.num_new_tokens for s in out.scheduled),
-            max_seq_len=max(seq_lens),
-            block_size=bs,
-        )
-        return ModelInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=pos_t.to(dev),
-            embeds_mask=torch.tensor(mask, dtype=torch.bool, device=dev),
-            embeds_rows=torch.cat(rows).to(dev, self.dtype) if rows else None,
-            meta=meta,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
-            prompt_logprob_rows=prompt_rows,
-        )
+    def _graph_size(self, out: SchedulerOutput) -> int | None:
+        if self.graphs is None or any(s.num_new_tokens != 1 or s.seq.wants_prompt_logprobs for s in out.scheduled):
+            return None
+        return self.graphs.size_for(len(out.scheduled))
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput) -> StepResult:
-        inputs = self._prepare(out)
-        self.backend.prepare(inputs.meta)
-        hidden = self.model(inputs.input_ids, inputs.positions, inputs.embeds_mask, inputs.embeds_rows,
-                            self.kv_caches, inputs.meta, self.backend)
-        prompt_logprobs = [(p.seq, self._prompt_logprobs(hidden, p)) for p in inputs.prompt_logprob_rows]
+        graph_size = self._graph_size(out)
+        batch = self.inputs.build(out, pad_to=graph_size)
+        if graph_size is not None:
+            self.model.embed(batch.input_ids, batch.embeds_index, batch.embeds_rows,
+                             out=self.graphs.hidden_in[:graph_size])
+            hidden = self.graphs.replay(graph_size)
+        else:
+            x = self.model.embed(batch.input_ids, batch.embeds_index, batch.embeds_rows)
+            self.backend.prepare(batch.meta)
+            hidden = self.model(x, batch.positions, self.kv_caches, batch.meta, self.backend)
+        prompt_logprobs = [(p.seq, self._prompt_logprobs(hidden, p)) for p in batch.prompt_logprob_rows]
         samples = []
-        if inputs.sample_rows.numel():
-            logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        if batch.num_samples:
+            logits = self.model.compute_logits(hidden[batch.sample_rows])
             samples = self.sampler(logits, [s.seq for s in out.scheduled if s.samples])
         return StepResult(samples, prompt_logprobs)
 
@@ -165,3 +179,6 @@ class ModelRunner:
             for row, target in zip(logprobs, p.targets[i:i + _PROMPT_LOGPROB_SLICE]):
                 entries.append(self.sampler.top_logprobs(row, target, k))
         return entries
+
+
+__all__ = ["ModelRunner", "StepResult", "StepBatch"]

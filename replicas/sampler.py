@@ -1,4 +1,5 @@
-"""Turns the last-position logits of each sampling sequence into its next token (and logprobs)."""
+"""Turns the last-position logits of each sampling sequence into its next token (and logprobs),
+on the logits' device. Everything the host needs comes back in one device-to-host copy."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,40 +17,44 @@ class SampleResult:
 
 
 class Sampler:
-    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int):
+    def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device):
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
-        self.generator = torch.Generator().manual_seed(seed)
+        self.device = device
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        logits = logits.float().cpu()[:, : self.vocab_size]
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
-        logits = logits.clone()
-        for row, seq in enumerate(seqs):
-            self._apply_penalties(logits[row], seq)
-            self._block_early_stop(logits[row], seq)
+        raw = logits[:, : self.vocab_size].float()
+        lse = torch.logsumexp(raw, dim=-1)
+        processed = self._process(raw, seqs)
+        greedy = [s.params.greedy for s in seqs]
+        tokens = processed.argmax(dim=-1) if all(greedy) else self._sample(processed, seqs, greedy)
+        token_logprob = raw.gather(1, tokens[:, None]).squeeze(1) - lse
+        columns = [tokens.double()[:, None], token_logprob.double()[:, None]]
+        k = max((s.params.logprobs for s in seqs if s.params.logprobs is not None), default=None)
+        if k is not None:
+            logprobs = raw - lse[:, None]
+            columns.append(((logprobs > token_logprob[:, None]).sum(dim=-1) + 1).double()[:, None])
+            if k > 0:
+                values, ids = logprobs.topk(k, dim=-1)
+                columns += [ids.double(), values.double()]
+        host = torch.cat(columns, dim=1).cpu().tolist()  # the step's one device-to-host copy
+        return [self._result(row, seq, k) for row, seq in zip(host, seqs)]
 
-        tokens = torch.empty(len(seqs), dtype=torch.long)
-        greedy = [i for i, s in enumerate(seqs) if s.params.greedy]
-        if greedy:
-            tokens[greedy] = logits[greedy].argmax(dim=-1)
-        random = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if random:
-            tokens[random] = self._sample(logits[random], [seqs[i] for i in random])
-
-        results = []
-        for row, seq in enumerate(seqs):
-            token = int(tokens[row])
-            lp = float(raw_logprobs[row, token])
-            top = None
-            if seq.params.logprobs is not None:
-                top = self.top_logprobs(raw_logprobs[row], token, seq.params.logprobs)
-            results.append(SampleResult(token, lp, top))
-        return results
+    @staticmethod
+    def _result(row: list[float], seq: Sequence, k: int | None) -> SampleResult:
+        token, logprob = int(row[0]), row[1]
+        want = seq.params.logprobs
+        if want is None:
+            return SampleResult(token, logprob, None)
+        top = [(int(row[3 + j]), row[3 + k + j], j + 1) for j in range(want)]
+        if all(t != token for t, _, _ in top):
+            top.append((token, logprob, int(row[2])))
+        return SampleResult(token, logprob, top)
 
     @staticmethod
     def top_logprobs(logprobs: torch.Tensor, token: int, k: int) -> list[tuple[int, float, int]]:
-        """The k best (token, logprob, rank) of one distribution, plus `token` when it is not among them."""
+        """The k best (token, logprob, rank) of one host distribution, plus `token` when it is not among them."""
         out = []
         if k > 0:
             values, ids = logprobs.topk(k)
@@ -59,57 +64,86 @@ class Sampler:
             out.append((token, float(logprobs[token]), rank))
         return out
 
-    @staticmethod
-    def _apply_penalties(row: torch.Tensor, seq: Sequence) -> None:
-        p = seq.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(t for t in seq.token_ids[seq.num_embeds:] if t < row.shape[0])),
-                                dtype=torch.long)
-            if seen.numel():
-                vals = row[seen]
-                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            out = torch.tensor(seq.output_token_ids, dtype=torch.long)
-            if out.numel():
-                counts = torch.bincount(out, minlength=row.shape[0])[: row.shape[0]].float()
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    # ---- logits processing: penalties, then min_tokens --------------------------------------
 
-    def _block_early_stop(self, row: torch.Tensor, seq: Sequence) -> None:
-        p = seq.params
-        if seq.num_output_tokens < p.min_tokens:
-            stops = list(p.stop_token_ids) + ([] if p.ignore_eos else self.eos_token_ids)
-            stops = [t for t in stops if 0 <= t < row.shape[0]]
-            if stops:
-                row[stops] = float("-inf")
+    def _process(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        repetition = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0]
+        additive = [i for i, s in enumerate(seqs) if s.params.presence_penalty or s.params.frequency_penalty]
+        blocked = [(i, t) for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens
+                   for t in self._stop_ids(s, logits.shape[1])]
+        if not (repetition or additive or blocked):
+            return logits
+        logits = logits.clone()
+        if repetition:
+            seen = self._counts(logits.shape[1], [seqs[i].token_ids[seqs[i].num_embeds:] for i in repetition]) > 0
+            rows = logits[repetition]
+            penalty = self._column([seqs[i].params.repetition_penalty for i in repetition])
+            penalized = torch.where(rows > 0, rows / penalty, rows * penalty)
+            logits[repetition] = torch.where(seen, penalized, rows)
+        if additive:
+            counts = self._counts(logits.shape[1], [seqs[i].output_token_ids for i in additive])
+            frequency = self._column([seqs[i].params.frequency_penalty for i in additive])
+            presence = self._column([seqs[i].params.presence_penalty for i in additive])
+            logits[additive] -= frequency * counts + presence * (counts > 0).float()
+        if blocked:
+            rows, ids = zip(*blocked)
+            logits[torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device)] = float("-inf")
+        return logits
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        temps = torch.tensor([s.params.temperature for s in seqs]).unsqueeze(1)
-        logits = logits / temps
-        top_k = [s.params.top_k for s in seqs]
-        top_p = [s.params.top_p for s in seqs]
+    def _stop_ids(self, seq: Sequence, vocab: int) -> list[int]:
+        stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos_token_ids)
+        return [t for t in stops if 0 <= t < vocab]
+
+    def _column(self, values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
+
+    def _counts(self, vocab: int, token_lists: list[list[int]]) -> torch.Tensor:
+        """[rows, vocab] occurrence counts of each row's tokens (ids outside the vocab ignored)."""
+        width = max(1, max(len(t) for t in token_lists))
+        padded = torch.full((len(token_lists), width), vocab, dtype=torch.long)
+        for i, ids in enumerate(token_lists):
+            if ids:
+                padded[i, :len(ids)] = torch.tensor(ids, dtype=torch.long).clamp(0, vocab)
+        padded = padded.to(self.device)
+        counts = torch.zeros((len(token_lists), vocab + 1), dtype=torch.float32, device=self.device)
+        counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+        return counts[:, :vocab]
+
+    # ---- random sampling ----------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
+        params = [s.params for s in seqs]
+        temps = self._column([1.0 if g else p.temperature for g, p in zip(greedy, params)])
+        scaled = logits / temps
+        top_k = [0 if g else p.top_k for g, p in zip(greedy, params)]
+        top_p = [1.0 if g else p.top_p for g, p in zip(greedy, params)]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            logits = _top_k_top_p(logits, top_k, top_p)
-        probs = torch.softmax(logits, dim=-1)
-        min_p = torch.tensor([s.params.min_p for s in seqs]).unsqueeze(1)
-        if bool((min_p > 0).any()):
-            probs = torch.where(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0, probs)
-        # Exponential race (Gumbel-max equivalent): a per-sequence generator makes seeded requests
-        # repeat whatever else shares the batch.
-        noise = torch.empty_like(probs)
+            scaled = self._top_k_top_p(scaled, top_k, top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        min_p = [0.0 if g else p.min_p for g, p in zip(greedy, params)]
+        if any(m > 0 for m in min_p):
+            floor = self._column(min_p) * probs.max(dim=-1, keepdim=True).values
+            probs = torch.where(probs < floor, 0.0, probs)
+        # Exponential race (Gumbel-max equivalent, no torch.multinomial sync); a seeded sequence
+        # draws from its own generator, so it repeats whatever else shares the batch.
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, seq in enumerate(seqs):
-            noise[i].exponential_(generator=seq.generator or self.generator)
-        return (probs / noise).argmax(dim=-1)
+            if seq.generator is not None and not greedy[i]:
+                noise[i].exponential_(generator=seq.generator)
+        sampled = (probs / noise).argmax(dim=-1)
+        if any(greedy):
+            mask = torch.tensor(greedy, device=self.device)
+            sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
+        return sampled
 
-
-def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    vocab = logits.shape[-1]
-    k = torch.tensor([kk if kk > 0 else vocab for kk in top_k]).unsqueeze(1)
-    ranks = torch.arange(vocab).unsqueeze(0)
-    sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-    probs = torch.softmax(sorted_logits, dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-    mass_before = probs.cumsum(dim=-1) - probs
-    p = torch.tensor(top_p).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(mass_before >= p, float("-inf"))
-    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
+    def _top_k_top_p(self, logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        vocab = logits.shape[-1]
+        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=self.device)[:, None]
+        ranks = torch.arange(vocab, device=self.device)[None, :]
+        sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= self._column(top_p), float("-inf"))
+        return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)

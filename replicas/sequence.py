@@ -47,10 +47,19 @@ class Sequence:
     stop_reason: int | str | None = None
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # filled as prefill chunks run
     visible_text_len: int = 0  # text shown to callers; the tail that may begin a stop string waits
+    eager_text: bool = True  # detokenize every step (streams, stop strings); else once at the end
+    table_row: int = -1  # the runner's device block-table row while the sequence holds blocks
+    num_synced_blocks: int = 0  # leading block_table entries already written to that row
 
     @property
     def num_embeds(self) -> int:
         return 0 if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+
+    def embeds_spans(self, start: int, end: int):
+        """(first position, rows) of the supplied embedding rows among positions [start, end)."""
+        stop = min(end, self.num_embeds)
+        if start < stop:
+            yield start, self.prompt_embeds[start:stop]
 
     @property
     def num_tokens(self) -> int:
@@ -81,6 +90,7 @@ class Request:
     params: SamplingParams
     seqs: list[Sequence]
     arrival_time: float
+    final_only: bool = False  # reported once, when finished
 
     @property
     def finished(self) -> bool:

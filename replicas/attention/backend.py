@@ -11,13 +11,15 @@ class AttentionMetadata:
     """One flattened batch: B sequences, T query tokens in all (prefill chunks and decodes mixed).
 
     Sequence i owns query rows query_start_loc[i]:query_start_loc[i+1]; its keys are the first
-    seq_lens[i] positions of its block table, the last (query_len) of them written this step.
+    seq_lens[i] positions of its block table (row seq_rows[i] of block_tables), the last
+    (query_len) of them written this step.
     """
 
-    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token
-    query_start_loc: torch.Tensor  # [B + 1] int32
-    seq_lens: torch.Tensor  # [B] int32: context + new tokens
-    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    slot_mapping: torch.Tensor  # [T] int64: cache slot (block * block_size + offset) of each new token; -1: none
+    query_start_loc: torch.Tensor  # [B + 1] int64
+    seq_lens: torch.Tensor  # [B] int64: context + new tokens
+    block_tables: torch.Tensor  # [rows, max_blocks_per_seq] int32: the runner's persistent tables
+    seq_rows: torch.Tensor  # [B] int64: each sequence's row of block_tables
     max_query_len: int
     max_seq_len: int
     block_size: int
@@ -46,9 +48,30 @@ class AttentionBackend:
         raise NotImplementedError
 
 
-def get_attention_backend(device: torch.device, name: str | None = None) -> AttentionBackend:
-    from replicas.attention.torch_backend import TorchAttentionBackend
+BACKEND_NAMES = ("torch", "triton")
 
-    if name in (None, "torch"):
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_attention_backend(device: torch.device, name: str | None, *, num_heads: int, num_kv_heads: int,
+                          head_dim: int, max_decode_batch: int) -> AttentionBackend:
+    """name None: Triton kernels on CUDA (when triton imports), the torch reference elsewhere."""
+    if name is None:
+        name = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "torch":
+        from replicas.attention.torch_backend import TorchAttentionBackend
+
         return TorchAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}")
+    if name == "triton":
+        if not triton_available():
+            raise ValueError("attention_backend='triton' needs the triton package (pip install raylm[cuda])")
+        from replicas.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend(num_heads, num_kv_heads, head_dim, device, max_decode_batch)
+    raise ValueError(f"unknown attention_backend {name!r}; use one of {', '.join(BACKEND_NAMES)}")

@@ -24,8 +24,8 @@ class TorchAttentionBackend(AttentionBackend):
 
         # Key position p of sequence i lives in slot block_tables[i, p // bs] * bs + p % bs.
         pos = torch.arange(max_kv, device=device)
-        blocks = meta.block_tables.long().gather(1, (pos // bs)[None, :].expand(b, -1).clamp(
-            max=meta.block_tables.shape[1] - 1))
+        tables = meta.block_tables.index_select(0, meta.seq_rows).long()
+        blocks = tables.gather(1, (pos // bs)[None, :].expand(b, -1).clamp(max=tables.shape[1] - 1))
         kv_slots = blocks * bs + (pos % bs)[None, :]
 
         # Causal within the sequence: query row r is at position seq_len - q_len + r.

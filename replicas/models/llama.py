@@ -103,16 +103,21 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(cfg.hf_config, cfg.head_dim, cfg.max_model_len)
 
-    def embed(self, input_ids: torch.Tensor, embeds_mask: torch.Tensor | None,
-              embeds_rows: torch.Tensor | None) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        if embeds_rows is not None and embeds_rows.shape[0]:
-            x[embeds_mask] = embeds_rows.to(x.dtype)
+    def embed(self, input_ids: torch.Tensor, embeds_index: torch.Tensor | None = None,
+              embeds_rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Input hidden states: looked-up token rows, with supplied embedding rows placed at embeds_index.
+        `out`: a static buffer (a captured graph's input) to write into."""
+        if out is None:
+            x = self.embed_tokens(input_ids)
+        else:
+            x = torch.index_select(self.embed_tokens.weight, 0, input_ids, out=out)
+        if embeds_index is not None:
+            x.index_copy_(0, embeds_index, embeds_rows.to(x.dtype))
         return x
 
-    def forward(self, input_ids, positions, embeds_mask, embeds_rows, kv_caches: list[torch.Tensor],
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
-        x = self.embed(input_ids, embeds_mask, embeds_rows)
+        """x: [T, hidden] input hidden states (see embed). Returns the final-norm hidden states."""
         cos, sin = self.rotary.lookup(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
             x = layer(x, cos, sin, kv_cache, meta, backend)
