@@ -5,11 +5,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 
+class KVIntegrityError(AssertionError):
+    """The pool's or the block tables' accounting disagrees with itself; the message names how."""
+
+
 @dataclass
 class KVBlock:
     block_id: int
     ref_cnt: int = 0
-    block_hash: int | None = None  # set once the block is full and registered in the prefix cache
+    block_hash: bytes | None = None  # set once the block is full and registered in the prefix cache
 
 
 class BlockPool:
@@ -20,13 +24,13 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._cached: dict[bytes, int] = {}  # block key -> block id
 
     @property
     def num_free(self) -> int:
         return len(self._free)
 
-    def lookup(self, block_hash: int) -> KVBlock | None:
+    def lookup(self, block_hash: bytes) -> KVBlock | None:
         block_id = self._cached.get(block_hash)
         return None if block_id is None else self.blocks[block_id]
 
@@ -60,8 +64,40 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free[block_id] = None
 
-    def register(self, block_id: int, block_hash: int) -> None:
+    def register(self, block_id: int, block_hash: bytes) -> None:
         if not self.enable_caching or block_hash in self._cached:
             return
         self.blocks[block_id].block_hash = block_hash
         self._cached[block_hash] = block_id
+
+    def problems(self) -> list[str]:
+        """What is inconsistent: every block is either free (ref 0, in the LRU queue) or in use
+        (ref > 0, not in it), and the prefix index and the blocks' keys match one to one."""
+        out = []
+        in_use = [b for b in self.blocks if b.ref_cnt > 0]
+        cached_free = [i for i in self._free if self.blocks[i].block_hash is not None]
+        if len(self._free) + len(in_use) != self.num_blocks:
+            out.append(f"free ({len(self._free) - len(cached_free)}) + cached-free ({len(cached_free)}) + "
+                       f"in use ({len(in_use)}) != total ({self.num_blocks})")
+        for b in self.blocks:
+            if b.ref_cnt < 0:
+                out.append(f"block {b.block_id} has ref count {b.ref_cnt}")
+            if (b.ref_cnt == 0) != (b.block_id in self._free):
+                state = "in" if b.block_id in self._free else "not in"
+                out.append(f"block {b.block_id} has ref count {b.ref_cnt} but is {state} the free queue")
+            if b.block_hash is not None and self._cached.get(b.block_hash) != b.block_id:
+                out.append(f"block {b.block_id} has a key the prefix index maps to {self._cached.get(b.block_hash)}")
+        for key, block_id in self._cached.items():
+            if self.blocks[block_id].block_hash != key:
+                out.append(f"the prefix index maps a key to block {block_id}, which holds another")
+        return out
+
+    def check_integrity(self) -> None:
+        """Raise KVIntegrityError naming every discrepancy (debug and test use: O(num_blocks))."""
+        raise_problems(self.problems())
+
+
+def raise_problems(problems: list[str]) -> None:
+    if problems:
+        shown = "; ".join(problems[:20]) + (f"; ... {len(problems) - 20} more" if len(problems) > 20 else "")
+        raise KVIntegrityError(f"KV cache accounting is inconsistent: {shown}")

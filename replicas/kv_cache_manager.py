@@ -1,17 +1,17 @@
-"""Per-sequence block tables over the block pool, with chained-hash prefix caching.
+"""Per-sequence block tables over the block pool, with chained-key prefix caching.
 
-A full block's hash covers its parent's hash and its contents: token ids, or, for prompt-embeds
-positions, a digest of the embedding rows' bytes, so a repeated embeds prefix hits too.
+A full block's key (replicas.block_keys) covers its parent's key and its contents: token ids, or,
+at prompt-embeds positions, the embedding rows' bytes, so a repeated embeds prefix hits too.
 """
 from __future__ import annotations
 
-import hashlib
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-
-from replicas.block_pool import BlockPool
-from replicas.sequence import Sequence
+from replicas.block_keys import ROOT_KEY, BlockKeyer
+from replicas.block_pool import BlockPool, raise_problems
+from replicas.sequence import Sequence, SequenceStatus
 
 
 @dataclass
@@ -21,10 +21,11 @@ class PrefixHit:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool):
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool, hash_secret: bytes | None = None):
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.pool = BlockPool(num_blocks, enable_caching)
+        self.keyer = BlockKeyer(hash_secret)
 
     @property
     def num_free_blocks(self) -> int:
@@ -37,22 +38,16 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_hash(self, seq: Sequence, block_index: int, parent: int | None) -> int:
+    def _block_key(self, seq: Sequence, block_index: int, parent: bytes) -> bytes:
         start, end = block_index * self.block_size, (block_index + 1) * self.block_size
-        embeds_end = min(end, seq.num_embeds)
-        digest = None
-        if start < embeds_end:
-            rows = seq.prompt_embeds[start:embeds_end]
-            raw = rows.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-            digest = hashlib.blake2b(raw + str(rows.dtype).encode(), digest_size=16).digest()
-        tokens = tuple(seq.token_ids[max(start, seq.num_embeds):end])
-        return hash((parent, digest, tokens))
+        embeds = seq.prompt_embeds[start:min(end, seq.num_embeds)] if start < seq.num_embeds else None
+        return self.keyer.key(parent, seq.token_ids[max(start, seq.num_embeds):end], embeds)
 
-    def _hash_of(self, seq: Sequence, block_index: int) -> int:
+    def _key_of(self, seq: Sequence, block_index: int) -> bytes:
         while len(seq.block_hashes) <= block_index:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[i - 1] if i else None
-            seq.block_hashes.append(self._block_hash(seq, i, parent))
+            parent = seq.block_hashes[i - 1] if i else ROOT_KEY
+            seq.block_hashes.append(self._block_key(seq, i, parent))
         return seq.block_hashes[block_index]
 
     def find_prefix(self, seq: Sequence) -> PrefixHit:
@@ -63,7 +58,7 @@ class KVCacheManager:
         hits: list[int] = []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
-            block = self.pool.lookup(self._hash_of(seq, i))
+            block = self.pool.lookup(self._key_of(seq, i))
             if block is None:
                 break
             hits.append(block.block_id)
@@ -94,7 +89,7 @@ class KVCacheManager:
         for i in range(seq.num_registered_blocks, num_full):
             block = self.pool.blocks[seq.block_table[i]]
             if block.block_hash is None:
-                self.pool.register(block.block_id, self._hash_of(seq, i))
+                self.pool.register(block.block_id, self._key_of(seq, i))
         seq.num_registered_blocks = max(seq.num_registered_blocks, num_full)
 
     def free(self, seq: Sequence) -> None:
@@ -102,3 +97,32 @@ class KVCacheManager:
         seq.block_table = []
         seq.block_hashes = []
         seq.num_registered_blocks = 0
+
+    def check_integrity(self, live: Iterable[Sequence] = ()) -> None:
+        """Raise KVIntegrityError (an AssertionError) naming every discrepancy between the pool and
+        the live sequences (running and waiting): each block's ref count is the number of their
+        block tables holding it, a table covers the computed tokens, and a registered block's key
+        is its sequence's key for that position. Call between steps; O(blocks + table entries)."""
+        problems = self.pool.problems()
+        holders: Counter[int] = Counter()
+        for seq in live:
+            who = f"sequence {seq.request_id}/{seq.index}"
+            if len(set(seq.block_table)) != len(seq.block_table):
+                problems.append(f"{who} holds a block twice: {seq.block_table}")
+            holders.update(seq.block_table)
+            lo, hi = self.blocks_needed(seq.num_computed_tokens), self.blocks_needed(seq.num_tokens)
+            if not lo <= len(seq.block_table) <= hi:
+                problems.append(f"{who} has {len(seq.block_table)} blocks for {seq.num_computed_tokens} computed "
+                                f"of {seq.num_tokens} tokens (expected {lo}..{hi})")
+            if seq.status is not SequenceStatus.RUNNING and seq.block_table:
+                problems.append(f"{who} is {seq.status.value} but holds blocks {seq.block_table}")
+            key = ROOT_KEY
+            for i, block_id in enumerate(seq.block_table[:seq.num_registered_blocks]):
+                key = self._block_key(seq, i, key)  # afresh: a stale seq.block_hashes shows up too
+                if self.pool.blocks[block_id].block_hash not in (None, key):
+                    problems.append(f"{who} block {i} (id {block_id}) is cached under another content's key")
+        for b in self.pool.blocks:
+            if b.ref_cnt != holders[b.block_id]:
+                problems.append(f"block {b.block_id} has ref count {b.ref_cnt} but {holders[b.block_id]} live "
+                                f"sequences hold it")
+        raise_problems(problems)
