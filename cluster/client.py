@@ -19,10 +19,10 @@ import numpy as np
 import ray
 from ray import serve
 
-from replicas.deployment import CompletionDelta, GenerateRequest
+from replicas.deployment import CompletionDelta, GenerateRequest, ReplicaTarget
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
-from router.routing import prefix_keys
+from router.routing import prefix_keys, request_router_of
 
 DEFAULT_APP_NAME = "raylm"  # cluster.app's default application name
 REPLICA_DEPLOYMENT = "Replica"
@@ -107,9 +107,23 @@ class Client:
             if not finished:
                 gen.cancel()
 
-    def abort(self, request_id: str) -> None:
-        """Abort a request by id (any replica that runs it frees its KV blocks)."""
-        self.handle.abort.remote(request_id)
+    def abort(self, request_id: str, *, timeout_s: float = 60) -> bool:
+        """Abort a request by id; True when a replica was running it (it then ends with
+        finish_reason "abort" and frees its KV blocks).
+
+        The abort goes to the replica this process sent the request to, else to every live
+        replica. A replica the request has not reached yet ends it as soon as it arrives.
+        """
+        calls = [self.handle.abort.remote(request_id, ReplicaTarget(r)) for r in self._replicas_for(request_id)]
+        return any([c.result(timeout_s=timeout_s) for c in calls])
+
+    def _replicas_for(self, request_id: str) -> list[str]:
+        router = request_router_of(self.handle)
+        if router is None:  # no call from this process yet: one makes Serve start its router
+            self.handle.get_load.remote().result(timeout_s=60)
+            router = request_router_of(self.handle)
+        sent_to = router.replica_of(request_id)
+        return [sent_to] if sent_to is not None else router.live_replica_ids()
 
     def model_info(self):
         return self.handle.model_info.remote().result()

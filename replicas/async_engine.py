@@ -5,12 +5,18 @@ others run are batched together by the engine's scheduler. Each request has an a
 on the event loop that asked for it; the thread hands every step's cumulative RequestOutput to
 that loop. A consumer that stops early (client gone, task cancelled) aborts its request, which
 frees its KV blocks.
+
+When the loop ends (an exception in a step, or shutdown) the engine is dead for good: every
+waiting request gets EngineDeadError, and so does every later one. Marking it dead and taking
+the list of waiting requests happen under the same lock as registering a request, so none can
+slip in between and wait forever.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
@@ -22,6 +28,16 @@ logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop thread has stopped; this engine serves no more requests."""
+
+
+class InjectedFault(RuntimeError):
+    """What the loop raises after `inject_fault()` (a debug hook for failure tests)."""
+
+
+# Aborts of ids not (yet) here are remembered this long, so an abort that overtakes its request
+# (a caller that submits and aborts at once) still ends it.
+_EARLY_ABORT_TTL_S = 60.0
+_MAX_EARLY_ABORTS = 10_000
 
 
 @dataclass
@@ -38,7 +54,9 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._stop = threading.Event()
-        self._error: BaseException | None = None
+        self._dead: str | None = None  # why the loop ended; set once, under _lock
+        self._fault: str | None = None
+        self._early_aborts: dict[str, float] = {}  # request id -> expiry (time.monotonic)
         self.num_requests = 0  # requests started
         self.num_aborted = 0  # requests whose consumer left before they finished
         self._thread = threading.Thread(target=self._run, name="raylm-engine-loop", daemon=True)
@@ -46,9 +64,12 @@ class AsyncEngine:
 
     # -- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        reason = "engine shut down"
         try:
             while not self._stop.is_set():
                 self._wakeup.clear()
+                if self._fault is not None:
+                    raise InjectedFault(self._fault)
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(self._idle_poll_s)
                     continue
@@ -56,11 +77,16 @@ class AsyncEngine:
                     self._deliver(out)
         except BaseException as e:  # noqa: BLE001 - the loop must report whatever killed it
             logger.exception("engine loop died")
-            self._error = e
-            with self._lock:
-                streams = list(self._streams.values())
-            for s in streams:
-                self._put(s, EngineDeadError(f"engine loop died: {e!r}"))
+            reason = f"engine loop died: {e!r}"
+        finally:
+            self._close(reason)
+
+    def _close(self, reason: str) -> None:
+        with self._lock:
+            self._dead = reason
+            streams = list(self._streams.values())
+        for s in streams:
+            self._put(s, EngineDeadError(reason))
 
     def _deliver(self, out: RequestOutput) -> None:
         with self._lock:
@@ -77,7 +103,11 @@ class AsyncEngine:
 
     # -- public -------------------------------------------------------------------------------
     def is_alive(self) -> bool:
-        return self._thread.is_alive() and self._error is None
+        return self._dead is None and self._thread.is_alive()
+
+    @property
+    def dead_reason(self) -> str | None:
+        return self._dead
 
     def get_load(self):
         return self.engine.get_load()
@@ -86,9 +116,43 @@ class AsyncEngine:
     def num_streams(self) -> int:
         return len(self._streams)
 
-    def abort(self, request_id: str) -> None:
+    def abort(self, request_id: str) -> bool:
+        """Abort a request; True when it was running here. An id not here yet is remembered for
+        a while and aborted as soon as it arrives."""
+        with self._lock:
+            running = request_id in self._streams
+            if not running:
+                self._remember_early_abort(request_id)
+        self._abort_in_engine(request_id)
+        return running
+
+    def inject_fault(self, message: str = "injected fault") -> None:
+        """Debug hook: the loop raises InjectedFault at its next turn, as a failing step() would."""
+        self._fault = message
+        self._wakeup.set()
+
+    def _abort_in_engine(self, request_id: str) -> None:
         self.engine.abort_request(request_id)
         self._wakeup.set()
+
+    def _remember_early_abort(self, request_id: str) -> None:
+        now = time.monotonic()
+        for rid, expiry in list(self._early_aborts.items()):  # oldest first
+            if expiry > now and len(self._early_aborts) < _MAX_EARLY_ABORTS:
+                break
+            del self._early_aborts[rid]
+        self._early_aborts[request_id] = now + _EARLY_ABORT_TTL_S
+
+    def _register(self, request_id: str, stream: _Stream) -> bool:
+        """Add a request's stream; True when an early abort of it is pending. Raises once dead."""
+        with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already running")
+            self._streams[request_id] = stream
+            expiry = self._early_aborts.pop(request_id, None)
+        return expiry is not None and expiry > time.monotonic()
 
     async def generate(self, request_id: str, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
         """Yield the cumulative RequestOutput of one request until it is finished.
@@ -96,13 +160,8 @@ class AsyncEngine:
         Raises ValueError (bad prompt or params) before the first output, EngineDeadError when the
         loop has died. Closing the iterator early aborts the request.
         """
-        if not self.is_alive():
-            raise EngineDeadError(f"engine loop is not running: {self._error!r}")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already running")
-            self._streams[request_id] = stream
+        aborted_early = self._register(request_id, stream)
         finished = False
         try:
             self.engine.add_request(request_id, prompt, params)
@@ -112,6 +171,8 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             raise
         self.num_requests += 1
+        if aborted_early:
+            self.engine.abort_request(request_id)  # queued after the add: it ends with "abort"
         self._wakeup.set()
         try:
             while True:
@@ -131,7 +192,7 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self.num_aborted += 1
-                self.abort(request_id)
+                self._abort_in_engine(request_id)
 
     def shutdown(self) -> None:
         self._stop.set()

@@ -17,6 +17,7 @@ from typing import Any, AsyncIterator
 import ray
 from ray import serve
 
+from replicas.async_engine import EngineDeadError
 from replicas.outputs import Logprob, RequestOutput
 from replicas.sampling_params import SamplingParams
 
@@ -29,6 +30,14 @@ class GenerateRequest:
     params: SamplingParams
     prefix_keys: list[str] = field(default_factory=list)  # read by router.routing for affinity
     echo: bool = False  # the accepted chunk then carries the prompt's text
+
+
+@dataclass
+class ReplicaTarget:
+    """Pins a handle call to one replica: router.routing sends it there while that replica lives,
+    and a replica that is not the target ignores the call (see Replica.abort, inject_fault)."""
+
+    replica_id: str  # Serve's unique replica id, as GenerateChunk.replica_id and the load report
 
 
 @dataclass
@@ -144,6 +153,8 @@ class Replica:
         threads = kwargs.pop("num_threads", None) or _default_num_threads(device)
         torch.set_num_threads(threads)
         kwargs.setdefault("enable_prompt_embeds", True)
+        # Debug hook for failure tests and soaks: lets `inject_fault` stop this engine's loop.
+        self._fault_injection = bool(kwargs.pop("fault_injection", False))
         self.engine = LLMEngine.from_kwargs(model=model, device=device, num_threads=threads, **kwargs)
         self.async_engine = AsyncEngine(self.engine)
         try:
@@ -170,6 +181,7 @@ class Replica:
         is started. Cancelling the call (client gone) aborts the request in the engine.
         """
         rid = request.request_id
+        self._require_alive()  # a dead engine refuses at once: the caller retries elsewhere
         try:
             # Checked (and tokenized, embeds copied) once here; the engine queues this as is.
             prompt = self.engine.prepare(await self._prompt(request, prompt_embeds), request.params)
@@ -196,7 +208,9 @@ class Replica:
             yield GenerateChunk(request_id=rid, error=str(e), finished=True, replica_id=self.replica_id)
 
     async def complete(self, request: GenerateRequest, prompt_embeds: Any = None) -> RequestOutput:
-        """The finished RequestOutput of one request (for ray.get users); raises ValueError."""
+        """The finished RequestOutput of one request (for ray.get users); raises ValueError, or
+        EngineDeadError when this replica's engine has failed."""
+        self._require_alive()
         prompt = await self._prompt(request, prompt_embeds)
         final = None
         async with contextlib.aclosing(self.async_engine.generate(request.request_id, prompt, request.params)) as outs:
@@ -204,8 +218,28 @@ class Replica:
                 final = out
         return final
 
-    def abort(self, request_id: str) -> None:
-        self.async_engine.abort(request_id)
+    def abort(self, request_id: str, target: ReplicaTarget | None = None) -> bool:
+        """Abort a request; True when it was running on this replica (see AsyncEngine.abort)."""
+        if not self._is_target(target):
+            return False
+        return self.async_engine.abort(request_id)
+
+    def inject_fault(self, target: ReplicaTarget | None = None) -> str | None:
+        """Debug hook (engine option `fault_injection`): make this replica's engine loop fail as a
+        failing step would. Returns the replica id, or None when this replica is not the target."""
+        if not self._fault_injection:
+            raise PermissionError("fault injection is off; start the replicas with engine option fault_injection")
+        if not self._is_target(target):
+            return None
+        self.async_engine.inject_fault(f"fault injected into replica {self.replica_id}")
+        return self.replica_id
+
+    def _is_target(self, target: ReplicaTarget | None) -> bool:
+        return target is None or target.replica_id == self.replica_id
+
+    def _require_alive(self) -> None:
+        if not self.async_engine.is_alive():
+            raise EngineDeadError(f"replica {self.replica_id}: {self.async_engine.dead_reason}")
 
     # -- state --------------------------------------------------------------------------------
     def get_load(self) -> dict:
@@ -225,8 +259,9 @@ class Replica:
         return self.get_load()
 
     def check_health(self) -> None:
-        if not self.async_engine.is_alive():
-            raise RuntimeError("engine loop is not running")
+        # Serve replaces a replica whose health check keeps failing; routers skip it at once
+        # (the `alive` of its load report, and the EngineDeadError of its requests).
+        self._require_alive()
 
     def model_info(self) -> ModelInfo:
         mc = self.engine.model_config

@@ -14,6 +14,11 @@ Policy:
   The replica that last served the longest known prefix is preferred while its load is within
   `imbalance_threshold` of the least loaded replica; otherwise the least loaded wins.
 - ties are broken at random so idle replicas share the work.
+- a replica whose engine has failed is never chosen: this process marks it dead at the first
+  EngineDeadError one of its requests gets, and every process skips a replica whose load report
+  says `alive: False` (Serve replaces it once its health check fails).
+- a call with a `ReplicaTarget` argument goes to that replica (Client.abort reaches the replica
+  that runs the request: this router remembers where each request id was sent).
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, 
 from ray.serve import context as serve_context
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from replicas.async_engine import EngineDeadError
+from replicas.deployment import GenerateRequest, ReplicaTarget
 from router.errors import overloaded, unavailable
 
 logger = logging.getLogger(__name__)
@@ -39,6 +46,7 @@ logger = logging.getLogger(__name__)
 # Prefix lengths (characters of text, token ids, or embeds rows) hashed for affinity.
 _PREFIX_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _MAX_AFFINITY_ENTRIES = 50_000
+_MAX_TRACKED_REQUESTS = 100_000  # request id -> replica it was sent to, for targeted aborts
 
 # (app name, deployment name) -> the live request router in this process (read by /metrics).
 ROUTERS: dict[tuple[str, str], "PrefixAffinityRouter"] = {}
@@ -89,20 +97,39 @@ def rank(loads: dict[Hashable, float], preferred: Hashable | None,
     return [best, rest] if rest else [best]
 
 
+def _request_args(pending: PendingRequest | None) -> list:
+    return [] if pending is None else list(pending.args) + list(pending.kwargs.values())
+
+
 def _request_prefix_keys(pending: PendingRequest | None) -> Sequence[str]:
-    if pending is None:
-        return ()
-    for arg in list(pending.args) + list(pending.kwargs.values()):
+    for arg in _request_args(pending):
         keys = getattr(arg, "prefix_keys", None)
         if keys:
             return keys
     return ()
 
 
+def _request_target(pending: PendingRequest | None) -> str | None:
+    """The replica a call is pinned to (a ReplicaTarget argument), if any."""
+    for arg in _request_args(pending):
+        if isinstance(arg, ReplicaTarget):
+            return arg.replica_id
+    return None
+
+
+def _generate_request_id(pending: PendingRequest | None) -> str | None:
+    for arg in _request_args(pending):
+        if isinstance(arg, GenerateRequest):
+            return arg.request_id
+    return None
+
+
 class PrefixAffinityRouter(RequestRouter):
     def initialize_state(self, imbalance_threshold: float = 4, **kwargs) -> None:
         self.imbalance_threshold = float(imbalance_threshold)
         self._affinity: OrderedDict[str, ReplicaID] = OrderedDict()
+        self._sent_to: OrderedDict[str, str] = OrderedDict()  # request id -> replica unique id
+        self._failed: set[str] = set()  # replicas whose engine failed (seen by this process)
         # Serve may ship this class by value (cloudpickle), with its own copy of module globals:
         # register in the real module so the Router's /metrics and /health find this instance.
         import router.routing as this_module
@@ -123,7 +150,23 @@ class PrefixAffinityRouter(RequestRouter):
 
     @property
     def num_live_replicas(self) -> int:
-        return len(self._replicas)
+        return len(self.live_replica_ids())
+
+    def live_replica_ids(self) -> list[str]:
+        return [r.replica_id.unique_id for r in self._replicas_list if self._usable(r)]
+
+    def _usable(self, replica: RunningReplica) -> bool:
+        if replica.replica_id.unique_id in self._failed:
+            return False
+        return (replica.routing_stats or {}).get("alive", True) is not False
+
+    def mark_failed(self, replica_id: str) -> None:
+        """Send this replica nothing more (its engine failed; Serve will replace it)."""
+        self._failed.add(replica_id)
+
+    def replica_of(self, request_id: str) -> str | None:
+        """The replica this process last sent a request id to."""
+        return self._sent_to.get(request_id)
 
     # -- RequestRouter hooks ------------------------------------------------------------------
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
@@ -132,7 +175,12 @@ class PrefixAffinityRouter(RequestRouter):
             # Every replica is ranked at once: if none can take the request, wait before asking
             # again (without this Serve retries in a tight loop that starves the event loop).
             pending_request.routing_context.should_backoff = True
-        by_id = {r.replica_id: r for r in candidate_replicas}
+        usable = [r for r in candidate_replicas if self._usable(r)]
+        target = _request_target(pending_request)
+        pinned = [r for r in usable if r.replica_id.unique_id == target]
+        if pinned:
+            return [pinned]
+        by_id = {r.replica_id: r for r in usable}
         loads = {rid: self.replica_load(r) for rid, r in by_id.items()}
         preferred = None
         for key in reversed(_request_prefix_keys(pending_request)):
@@ -143,6 +191,12 @@ class PrefixAffinityRouter(RequestRouter):
         return [[by_id[rid] for rid in group] for group in rank(loads, preferred, self.imbalance_threshold)]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
+        request_id = _generate_request_id(pending_request)
+        if request_id is not None:
+            self._sent_to[request_id] = replica_id.unique_id
+            self._sent_to.move_to_end(request_id)
+            while len(self._sent_to) > _MAX_TRACKED_REQUESTS:
+                self._sent_to.popitem(last=False)
         for key in _request_prefix_keys(pending_request):
             self._affinity[key] = replica_id
             self._affinity.move_to_end(key)
@@ -153,6 +207,10 @@ class PrefixAffinityRouter(RequestRouter):
         super().on_replica_actor_died(replica_id)
         for key in [k for k, v in self._affinity.items() if v == replica_id]:
             del self._affinity[key]
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        super().update_replicas(replicas)
+        self._failed &= {r.replica_id.unique_id for r in replicas}  # replaced ones are gone
 
 
 # -- sending one prompt, with a retry when its replica dies -------------------------------------
@@ -187,8 +245,27 @@ def _own_internal_request_id() -> None:
         var.set(dataclasses.replace(ctx, _internal_request_id=uuid.uuid4().hex))
 
 
+def _is(e: BaseException, kinds) -> bool:
+    """Whether e, or the exception a replica raised that e wraps, is one of `kinds`."""
+    return isinstance(e, kinds) or isinstance(getattr(e, "cause", None), kinds)
+
+
 def _replica_lost(e: BaseException) -> bool:
-    return isinstance(e, _REPLICA_LOST) or isinstance(getattr(e, "cause", None), _REPLICA_LOST)
+    return _is(e, _REPLICA_LOST) or _is(e, EngineDeadError) or isinstance(e, DeploymentUnavailableError)
+
+
+def replica_failed(handle, request_id: str) -> None:
+    """The replica that ran `request_id` reported its engine dead: route nothing more to it."""
+    r = request_router_of(handle)
+    replica = r.replica_of(request_id) if r is not None else None
+    if replica is not None:
+        logger.warning("replica %s: engine failed; routing around it", replica)
+        r.mark_failed(replica)
+
+
+def _kind(e: BaseException) -> str:
+    cause = getattr(e, "cause", None)
+    return type(cause if isinstance(cause, BaseException) else e).__name__
 
 
 async def _first(chunks, handle, poll_s: float = 0.5):
@@ -237,14 +314,15 @@ async def stream_prompt(handle, request, embeds_ref=None, *, max_attempts: int =
         except BackPressureError:
             done = True
             raise overloaded() from None
-        except (RayServeException, RayError) as e:
+        except (RayServeException, RayError, EngineDeadError) as e:
             done = True
-            if not _replica_lost(e) and not isinstance(e, DeploymentUnavailableError):
+            if not _replica_lost(e):
                 raise
+            if _is(e, EngineDeadError):
+                replica_failed(handle, request.request_id)
             if (produced and not restart_after_output) or attempt == max_attempts:
-                raise unavailable(f"the replica serving this request was lost: {type(e).__name__}") from None
-            logger.warning("replica lost (%s); retrying request %s on another", type(e).__name__,
-                           request.request_id)
+                raise unavailable(f"the replica serving this request was lost: {_kind(e)}") from None
+            logger.warning("replica lost (%s); retrying request %s on another", _kind(e), request.request_id)
             if on_retry is not None:
                 on_retry()
             # An unreachable (not yet declared dead) replica may be chosen again: give Serve time.

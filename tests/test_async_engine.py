@@ -2,11 +2,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
+import torch
 
 from replicas.async_engine import AsyncEngine, EngineDeadError
 from replicas.sampling_params import SamplingParams
+from tiny_model import TINY_ENGINE, tiny_config
+
+
+DEADLINE_S = 60  # every wait in these tests ends by then
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +42,16 @@ def idle(ae: AsyncEngine) -> bool:
     return load.num_running == 0 and load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks
 
 
+def idle_within(ae: AsyncEngine, timeout_s: float = DEADLINE_S) -> bool:
+    """Whether the engine goes idle (aborts are applied at its next step) before the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not idle(ae):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def test_concurrent_requests_batch_and_match_sequential_results(aengine):
     greedy = SamplingParams(max_tokens=8, temperature=0.0)
     prompts = [f"Fact number {i}:" for i in range(6)]
@@ -59,32 +75,28 @@ def test_closing_the_iterator_aborts_and_frees_blocks(aengine):
     before = aengine.num_aborted
     assert not run(leave_early()).finished
     assert aengine.num_aborted == before + 1
-
-    async def settle():
-        for _ in range(200):
-            if idle(aengine):
-                return True
-            await asyncio.sleep(0.05)
-        return False
-
-    assert run(settle())
+    assert idle_within(aengine)
 
 
 def test_task_cancellation_aborts(aengine):
     async def cancel_midway():
-        task = asyncio.create_task(final(aengine, "cancelled", "Count to a thousand:",
-                                         SamplingParams(max_tokens=400, ignore_eos=True)))
-        await asyncio.sleep(0.3)
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in aengine.generate("cancelled", "Count to a thousand:",
+                                            SamplingParams(max_tokens=400, ignore_eos=True)):
+                started.set()
+
+        task = asyncio.create_task(consume())
+        await asyncio.wait_for(started.wait(), DEADLINE_S)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(200):
-            if idle(aengine):
-                return True
-            await asyncio.sleep(0.05)
-        return False
 
-    assert run(cancel_midway())
+    before = aengine.num_aborted
+    run(cancel_midway())
+    assert aengine.num_aborted == before + 1
+    assert idle_within(aengine)
 
 
 def test_bad_prompt_raises_before_any_output_and_nothing_leaks(aengine):
@@ -96,23 +108,121 @@ def test_bad_prompt_raises_before_any_output_and_nothing_leaks(aengine):
     assert aengine.num_streams == 0 and idle(aengine)
 
 
-def test_dead_loop_is_reported():
-    """Fault injection: an engine whose step() fails. The loop stops, is_alive() turns false, the
-    waiting request gets EngineDeadError and later requests are refused."""
+def test_abort_of_a_running_request_ends_it_with_abort(aengine):
+    params = SamplingParams(max_tokens=400, ignore_eos=True)
+
+    async def abort_after_first_output():
+        outs = aengine.generate("to-abort", "Write a long story.", params)
+        first = await asyncio.wait_for(outs.__anext__(), DEADLINE_S)
+        assert aengine.abort("to-abort") is True
+        return first, await asyncio.wait_for(_last(outs), DEADLINE_S)
+
+    first, last = run(abort_after_first_output())
+    assert not first.finished and last.finished
+    assert last.outputs[0].finish_reason == "abort" and len(last.outputs[0].token_ids) < 400
+
+
+def test_abort_that_overtakes_its_request_still_ends_it(aengine):
+    """A caller may submit and abort at once; the abort can reach the replica first."""
+    assert aengine.abort("overtaken") is False
+    last = run(asyncio.wait_for(_last(aengine.generate("overtaken", "Write a long story.",
+                                                       SamplingParams(max_tokens=400, ignore_eos=True))),
+                                DEADLINE_S))
+    assert last.outputs[0].finish_reason == "abort" and len(last.outputs[0].token_ids) < 400
+    assert idle_within(aengine)
+
+
+# -- a failing engine ------------------------------------------------------------------------------
+LONG = SamplingParams(max_tokens=1000, ignore_eos=True)
+
+
+@pytest.fixture
+def tiny_engine(tmp_path):
+    """A fresh AsyncEngine on a tiny random model: these tests kill it."""
     from replicas.engine import LLMEngine
 
-    class FailingStep(LLMEngine):
-        def step(self):
-            raise RuntimeError("injected failure")
-
-    ae = AsyncEngine(FailingStep.from_kwargs(model=None, max_model_len=256))
-
-    async def one(rid):
-        return [o async for o in ae.generate(rid, "Hello", SamplingParams(max_tokens=2))]
-
-    with pytest.raises(EngineDeadError):
-        run(one("first"))
-    assert not ae.is_alive()
-    with pytest.raises(EngineDeadError):
-        run(one("second"))
+    ae = AsyncEngine(LLMEngine.from_kwargs(model=tiny_config(tmp_path), **TINY_ENGINE))
+    yield ae
     ae.shutdown()
+
+
+def break_weights(ae: AsyncEngine) -> None:
+    """A real failure: the model loses its weights under the running engine (as after a failed
+    reload), so its next forward pass raises. The old tensors are swapped out, not freed, so a
+    forward pass already running finishes on them."""
+    for module in ae.engine.runner.model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(p.new_empty(0), requires_grad=False))
+
+
+async def _last(outs):
+    last = None
+    async for out in outs:
+        last = out
+    return last
+
+
+async def _outcome(outs) -> str:
+    """How one request ended: "finished" or the name of the exception it raised."""
+    try:
+        await _last(outs)
+        return "finished"
+    except Exception as e:  # noqa: BLE001 - the outcome is what the test checks
+        return type(e).__name__
+
+
+async def _running(ae: AsyncEngine, n: int) -> list:
+    """n long requests, each past its first output (so they are in the engine's batch)."""
+    streams = [ae.generate(f"long-{i}", f"Story number {i}:", LONG) for i in range(n)]
+    for s in streams:
+        assert not (await asyncio.wait_for(s.__anext__(), DEADLINE_S)).finished
+    return streams
+
+
+def test_a_failing_step_ends_every_waiting_request_then_refuses_new_ones(tiny_engine):
+    async def scenario():
+        streams = await _running(tiny_engine, 4)
+        break_weights(tiny_engine)
+        return await asyncio.wait_for(asyncio.gather(*(_outcome(s) for s in streams)), DEADLINE_S)
+
+    assert run(scenario()) == ["EngineDeadError"] * 4
+    assert not tiny_engine.is_alive() and "engine loop died" in tiny_engine.dead_reason
+    assert tiny_engine.num_streams == 0
+    with pytest.raises(EngineDeadError):
+        run(_last(tiny_engine.generate("after", "Hello", SamplingParams(max_tokens=2))))
+
+
+def test_no_request_that_arrives_as_the_loop_dies_waits_forever(tiny_engine):
+    """Requests keep arriving while the loop dies: each one ends (none is left behind)."""
+    async def scenario():
+        await _running(tiny_engine, 1)
+        break_weights(tiny_engine)
+        tasks = []
+        for i in range(300):
+            tasks.append(asyncio.create_task(_outcome(tiny_engine.generate(f"r{i}", "Hi", LONG))))
+            await asyncio.sleep(0)
+        return await asyncio.wait_for(asyncio.gather(*tasks), DEADLINE_S)
+
+    outcomes = run(scenario())
+    assert set(outcomes) == {"EngineDeadError"}, outcomes
+    assert tiny_engine.num_streams == 0
+
+
+def test_injected_fault_fails_the_loop_as_a_failing_step_does(tiny_engine):
+    async def scenario():
+        streams = await _running(tiny_engine, 2)
+        tiny_engine.inject_fault("test fault")
+        return await asyncio.wait_for(asyncio.gather(*(_outcome(s) for s in streams)), DEADLINE_S)
+
+    assert run(scenario()) == ["EngineDeadError"] * 2
+    assert "InjectedFault('test fault')" in tiny_engine.dead_reason
+
+
+def test_shutdown_ends_waiting_requests(tiny_engine):
+    async def scenario():
+        streams = await _running(tiny_engine, 2)
+        await asyncio.to_thread(tiny_engine.shutdown)
+        return await asyncio.wait_for(asyncio.gather(*(_outcome(s) for s in streams)), DEADLINE_S)
+
+    assert run(scenario()) == ["EngineDeadError"] * 2
+    assert tiny_engine.dead_reason == "engine shut down"
