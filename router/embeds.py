@@ -171,6 +171,7 @@ _SIG_LOCAL, _SIG_CENTRAL, _SIG_DESCRIPTOR = 0x04034B50, 0x02014B50, 0x08074B50
 _SIG_ZIP64_END, _SIG_ZIP64_LOCATOR, _SIG_END = 0x06064B50, 0x07064B50, 0x06054B50
 
 _FLAG_DESCRIPTOR, _FLAG_UTF8 = 0x0008, 0x0800
+_DOS_DIRECTORY = 0x10        # in a directory entry's external attributes
 _MAX_VERSION_NEEDED = 20     # 2.0: stored records; zip64 (4.5) and encryption are never needed
 _PADDING_FIELD = 0x4246      # the "FB" extra field torch pads records with to align their data
 
@@ -184,7 +185,7 @@ _META_RECORDS = {
     ".storage_alignment": re.compile(rb"\d{1,8}"),
     ".data/serialization_id": re.compile(rb"\d{1,64}"),
 }
-_DATA_RECORD = re.compile(r"data/(\d{1,9})")
+_DATA_RECORD = re.compile(r"data/[0-9]{1,9}")
 _TOP_FOLDER = re.compile(r"[^/\\\x00-\x1f]{1,128}")
 # One tensor has one data record; room for a few more lets the pickle check say what a sparse
 # or nested tensor is rather than only that it has too many records.
@@ -225,8 +226,8 @@ def _read_archive(raw: bytes, max_bytes: int) -> dict[str, bytes]:
     if raw[:4] != _SIG_LOCAL.to_bytes(4, "little"):
         raise _zip_error("it does not start with a zip local header (the legacy, non-zip "
                          "torch.save format is not accepted)")
-    cd_offset, count = _directory_span(raw)
-    entries = _central_entries(raw, cd_offset, count)
+    cd_offset, cd_end, count = _directory_span(raw)
+    entries = _central_entries(raw, cd_offset, cd_end, count)
     top = _check_names([e.name for e in entries])
     records = {name[len(top) + 1:]: data
                for name, data in _local_records(raw, entries, cd_offset).items()}
@@ -234,8 +235,8 @@ def _read_archive(raw: bytes, max_bytes: int) -> dict[str, bytes]:
     return records
 
 
-def _directory_span(raw: bytes) -> tuple[int, int]:
-    """(offset, entry count) of the central directory, which must run up to the end records."""
+def _directory_span(raw: bytes) -> tuple[int, int, int]:
+    """(start, end, entry count) of the central directory, which must run up to the end records."""
     end_pos = len(raw) - _END.size
     (_, disk, cd_disk, n_disk, n_total, cd_size, cd_offset, comment) = _unpack(
         _END, raw, end_pos, _SIG_END, "end of central directory record at the end of the input")
@@ -249,7 +250,7 @@ def _directory_span(raw: bytes) -> tuple[int, int]:
         raise _zip_error(f"it declares {n_total} records; torch.save writes at most {_MAX_RECORDS}")
     if cd_offset + cd_size != cd_end:
         raise _zip_error("its central directory does not end where its end records begin")
-    return cd_offset, n_total
+    return cd_offset, cd_end, n_total
 
 
 def _zip64_end(raw: bytes, locator_pos: int, classic: tuple[int, int, int]) -> tuple[int, ...]:
@@ -269,14 +270,16 @@ def _zip64_end(raw: bytes, locator_pos: int, classic: tuple[int, int, int]) -> t
     return n_total, cd_size, cd_offset, end64_pos
 
 
-def _central_entries(raw: bytes, cd_offset: int, count: int) -> list[_Entry]:
+def _central_entries(raw: bytes, cd_offset: int, cd_end: int, count: int) -> list[_Entry]:
     entries, pos = [], cd_offset
     for _ in range(count):
         (_, _made, needed, flags, method, _time, _date, crc, csize, usize, name_len, extra_len,
-         comment_len, disk, _int_attr, _ext_attr, offset) = _unpack(
+         comment_len, disk, _int_attr, ext_attr, offset) = _unpack(
             _CENTRAL, raw, pos, _SIG_CENTRAL, "central directory entry")
         name = _record_name(raw, pos + _CENTRAL.size, name_len, flags)
         _check_record_header(name, needed, flags, method)
+        if ext_attr & _DOS_DIRECTORY:  # torch's zip reader takes such a record for a folder
+            raise _zip_error(f"record {quote(name)} is marked as a folder")
         if extra_len or comment_len or disk:
             raise _zip_error(f"its directory entry for {quote(name)} has extra fields, a comment "
                              "or a disk number (zip64 and split archives are not accepted)")
@@ -284,6 +287,8 @@ def _central_entries(raw: bytes, cd_offset: int, count: int) -> list[_Entry]:
             raise _zip_error(f"record {quote(name)} is compressed; torch.save stores records as is")
         entries.append(_Entry(name, flags, crc, usize, offset))
         pos += _CENTRAL.size + name_len
+    if pos != cd_end:
+        raise _zip_error("its central directory holds more than its entries")
     return entries
 
 
@@ -412,12 +417,13 @@ _OP_TOKENS = {
     "BINPERSID": "Q", "REDUCE": "R", "EMPTY_DICT": "d", "SETITEM": "s", "SETITEMS": "u",
     "STOP": ".",
 }
-_STRING_TOKENS = ((re.compile("storage"), "x"), (re.compile(r"\d{1,9}"), "k"),
-                  (re.compile("neg|conj"), "n"), (re.compile(r"[a-z]{1,16}(:\d{1,4})?"), "l"))
+_STRING_TOKENS = ((re.compile("storage"), "x"), (re.compile(r"[0-9]{1,9}"), "k"),
+                  (re.compile("neg"), "n"), (re.compile(r"[a-z]{1,16}(:[0-9]{1,4})?"), "l"))
 _INTS = r"(?:\)|i1|ii2|iii3|\(i*t)"
 # What torch.save writes for one tensor: _rebuild_tensor_v2(persistent storage id, offset, size,
-# stride, requires_grad, OrderedDict() [, {"neg"/"conj": bool}]), for an nn.Parameter wrapped in
-# _rebuild_parameter(tensor, requires_grad, OrderedDict()).
+# stride, requires_grad, OrderedDict() [, {"neg": bool}]), for an nn.Parameter wrapped in
+# _rebuild_parameter(tensor, requires_grad, OrderedDict()). The conj bit exists for complex
+# dtypes only, which are refused.
 _TENSOR_PICKLE = re.compile(
     r"P(?P<param>A)?T\(\(x(?P<storage>S)(?P<key>k)l(?P<numel>i)tQ(?P<offset>i)"
     rf"(?P<size>{_INTS})(?P<stride>{_INTS})bO\)R(?:d(?:nbs|\((?:nb)+u))?tR(?(param)bO\)R3R)\.")
@@ -538,12 +544,12 @@ def _tensor_to_array(obj, plan: _TensorPlan, *, hidden_size: int) -> np.ndarray:
         raise EmbedsError(f"prompt_embeds must be a torch.Tensor of shape (seq_len, "
                           f"{hidden_size}), got a {type(obj).__name__}")
     if (obj.layout != torch.strided or obj.is_quantized or obj.is_nested
-            or obj.device.type != "cpu" or obj.dtype not in _TORCH_DTYPES
+            or obj.device.type != "cpu" or obj.dtype not in _TORCH_DTYPES or obj.is_conj()
             or tuple(obj.shape) != plan.size or tuple(obj.stride()) != plan.stride):
         raise EmbedsError("prompt_embeds loaded as something other than what its pickle declares")
     seq_len, hidden = _seq_shape(plan.size, hidden_size)
-    # The neg/conj bits are lazy views that numpy refuses; resolving them copies at most max_bytes.
-    tensor = obj.detach().resolve_neg().resolve_conj().reshape(seq_len, hidden)
+    # The neg bit is a lazy negation numpy refuses; resolving it copies at most max_bytes.
+    tensor = obj.detach().resolve_neg().reshape(seq_len, hidden)
     if tensor.dtype != torch.float16:
         tensor = tensor.to(torch.float32)
     tensor = tensor.contiguous()

@@ -19,15 +19,14 @@ from router.embeds import (
     decode_raw_embeds,
     decode_torch_save_bytes,
 )
+from torch_save_layout import Archive, build, pickle_ops, records_of, saved, with_pickle
 
 HIDDEN = 8
 CAP = 1 << 20  # 1 MiB of tensor data
 
 
 def b64_of(obj, **save_kwargs) -> str:
-    buf = io.BytesIO()
-    torch.save(obj, buf, **save_kwargs)
-    return base64.b64encode(buf.getvalue()).decode()
+    return base64.b64encode(saved(obj, **save_kwargs)).decode()
 
 
 def decode(b64: str, max_bytes: int = CAP) -> np.ndarray:
@@ -66,12 +65,6 @@ def rewrite_pickle(raw: bytes, old: bytes, new: bytes) -> bytes:
                 data = data.replace(old, new)
             z.writestr(info.filename, data)
     return out.getvalue()
-
-
-def saved(t: torch.Tensor) -> bytes:
-    buf = io.BytesIO()
-    torch.save(t, buf)
-    return buf.getvalue()
 
 
 def b64(raw: bytes) -> str:
@@ -442,3 +435,249 @@ def test_raw_malformed_entries_are_400(entry, words):
         decode_raw(entry)
     assert info.value.status == 400
     assert words in str(info.value), str(info.value)
+
+
+# --- torch.load reads exactly the bytes that were checked (issue 10, item 1) -------------------
+
+GOOD_T = torch.arange(2 * HIDDEN, dtype=torch.float32).reshape(2, HIDDEN)
+GOOD_RAW = saved(GOOD_T)
+GOOD_RECORDS = records_of(GOOD_RAW)
+GOOD_PKL = dict(GOOD_RECORDS)["archive/data.pkl"]
+
+
+def decode_raw_bytes(raw: bytes, max_bytes: int = CAP) -> np.ndarray:
+    return decode_torch_save_bytes(raw, hidden_size=HIDDEN, max_bytes=max_bytes)
+
+
+def refused_bytes(raw: bytes, status: int = 400) -> str:
+    with pytest.raises(EmbedsError) as info:
+        decode_raw_bytes(raw)
+    assert info.value.status == status, str(info.value)
+    return str(info.value)
+
+
+def test_layout_helper_writes_what_torch_save_writes():
+    for t in (GOOD_T, torch.nn.Parameter(torch.randn(3, HIDDEN)), torch.zeros(0, HIDDEN)):
+        raw = saved(t)
+        assert build(records_of(raw)).raw == raw
+    np.testing.assert_array_equal(decode_raw_bytes(build(GOOD_RECORDS).raw), GOOD_T.numpy())
+    # zipfile's plainer layout (sizes in local headers, no padding) holds the same records
+    plain = build(GOOD_RECORDS, torch_layout=False).raw
+    np.testing.assert_array_equal(decode_raw_bytes(plain), GOOD_T.numpy())
+
+
+def test_legacy_pickle_before_a_valid_archive_is_refused():
+    # zipfile finds the archive at the tail; torch.load unpickles the legacy stream at the head.
+    legacy = saved(torch.full((2, HIDDEN), 7.0), _use_new_zipfile_serialization=False)
+    payload = legacy + GOOD_RAW
+    assert zipfile.ZipFile(io.BytesIO(payload)).namelist()[0] == "archive/data.pkl"
+    assert torch.load(io.BytesIO(payload), weights_only=True)[0, 0] == 7.0  # the bypass is live
+    assert "does not start with a zip local header" in refused_bytes(payload)
+
+
+@pytest.mark.parametrize("before, after", [
+    (b"\x00", b""), (b"PK\x03\x04", b""), (GOOD_RAW, b""),
+    (b"", b"\x00"), (b"", GOOD_RAW), (b"", b"PK\x05\x06" + bytes(18)),
+    (b"", saved(torch.ones(1), _use_new_zipfile_serialization=False)),
+], ids=["byte-before", "local-sig-before", "archive-before", "byte-after", "archive-after",
+        "end-record-after", "legacy-after"])
+def test_anything_outside_the_archive_is_refused(before, after):
+    refused_bytes(before + GOOD_RAW + after)
+
+
+def test_case_insensitive_name_collision_is_refused():
+    # torch looks archive/data.pkl up ignoring case: it would run DATA.PKL, not the checked one.
+    evil = dict(records_of(saved(GOOD_T[:1])))["archive/data.pkl"]
+    records = [("archive/x/data.pkl" if n.endswith("data.pkl") else n, d) for n, d in GOOD_RECORDS]
+    payload = build(records + [("archive/DATA.PKL", evil)]).raw
+    assert torch.load(io.BytesIO(payload), weights_only=True).shape == (1, HIDDEN)  # live
+    refused_bytes(payload)
+
+
+@pytest.mark.parametrize("extra", [
+    [("archive/Data.pkl", GOOD_PKL)],
+    [("archive/data.pkl", GOOD_PKL)],
+    [("archive/DATA/0", bytes(64))],
+    [("archive/data/0", bytes(64))],
+    [("archive/extra", b"")],
+    [("archive/data/0/x", b"")],
+    [("archive/data/-1", b"")],
+    [("archive/data/\u0660", bytes(64))],          # an Arabic-Indic digit zero
+    [("archive/data.pkl.bak", b"")],
+    [("archive/../data.pkl", b"")],
+    [("other/version", b"3\n")],
+    [("data.pkl", GOOD_PKL)],
+], ids=lambda e: e[0][0])
+def test_records_torch_save_does_not_write_are_refused(extra):
+    assert "torch.save archive" in refused_bytes(build(GOOD_RECORDS + extra).raw)
+
+
+@pytest.mark.parametrize("name, content", [
+    ("archive/byteorder", b"middle"), ("archive/version", b"3" * 100),
+    ("archive/.data/serialization_id", b"x"),
+])
+def test_small_records_hold_only_what_torch_save_writes(name, content):
+    records = [(n, content if n == name else d) for n, d in GOOD_RECORDS]
+    refused_bytes(build(records).raw)
+
+
+def test_unreferenced_or_missing_data_records_are_refused():
+    two = build(GOOD_RECORDS + [("archive/data/1", bytes(64))]).raw
+    assert "exactly one data record" in refused_bytes(two)
+    moved = [("archive/data/7" if n.endswith("data/0") else n, d) for n, d in GOOD_RECORDS]
+    assert "exactly one data record" in refused_bytes(build(moved).raw)
+
+
+# --- the pickle is bounded before it runs -------------------------------------------------------
+
+def with_ops(before: bytes = b"", after_proto: bytes = b"") -> bytes:
+    """GOOD_PKL with bytes inserted after its PROTO opcode (or before it)."""
+    ops = pickle_ops(GOOD_PKL)
+    return build(with_pickle(GOOD_RECORDS, before + ops[0] + after_proto + b"".join(ops[1:]))).raw
+
+
+@pytest.mark.parametrize("op", [b"}", b"(", b"N", b"\x8f", b"]", b")"],
+                         ids=["EMPTY_DICT", "MARK", "NONE", "EMPTY_SET", "EMPTY_LIST", "EMPTY_TUPLE"])
+@pytest.mark.parametrize("count", [1, 100, 3000, 1_000_000])
+def test_opcode_floods_ending_in_a_valid_tensor_are_refused(op, count):
+    payload = with_ops(after_proto=op * count)
+    if count == 100 and op in (b"}", b"(", b"N"):  # the flood is live: torch.load accepts it
+        assert torch.load(io.BytesIO(payload), weights_only=True).shape == (2, HIDDEN)
+    msg = refused_bytes(payload)
+    if count == 1_000_000:
+        assert "data.pkl is" in msg  # refused from the record's size, before parsing it
+
+
+def test_pickle_over_the_size_cap_is_refused_even_if_well_formed():
+    long_location = b"X" + struct.pack("<I", 5000) + b"c" * 5000
+    pkl = GOOD_PKL.replace(b"X\x03\x00\x00\x00cpu", long_location)
+    assert "data.pkl is" in refused_bytes(build(with_pickle(GOOD_RECORDS, pkl)).raw)
+
+
+@pytest.mark.parametrize("pkl", [
+    GOOD_PKL + b"\x00",                                            # bytes after STOP
+    GOOD_PKL.replace(b"X\x07\x00\x00\x00storage", b"X\x07\x00\x00\x00storagf"),
+    GOOD_PKL.replace(b"\x80\x02", b"\x80\x04"),
+    GOOD_PKL.replace(b"X\x03\x00\x00\x00cpu", b"X\x03\x00\x00\x00CPU"),
+    GOOD_PKL[:-1],                                                 # no STOP
+    GOOD_PKL[:40],
+], ids=["after-stop", "typename", "protocol-4", "location", "no-stop", "truncated"])
+def test_pickles_torch_save_would_not_write_are_refused(pkl):
+    refused_bytes(build(with_pickle(GOOD_RECORDS, pkl)).raw)
+
+
+@pytest.mark.parametrize("old, new, words", [
+    (b"K\x00K\x02K\x08\x86", b"K\x05K\x02K\x08\x86", "beyond the end"),       # offset 5
+    (b"K\x08K\x01\x86", b"K\x08J\xff\xff\xff\xff\x86", "malformed"),         # stride -1
+    (b"K\x08K\x01\x86", b"K\x08\x85", "malformed"),                          # rank 1 stride
+    (b"K\x02K\x08\x86q\x06K\x08K\x01\x86", b"K\x03K\x08\x86q\x06K\x08K\x01\x86",
+     "beyond the end"),                                                      # 3 rows of 2
+    (b"X\x01\x00\x00\x000", b"X\x01\x00\x00\x001", "exactly one data record"),  # key 1
+])
+def test_views_and_storages_that_disagree_with_the_record_are_refused(old, new, words):
+    assert old in GOOD_PKL
+    assert words in refused_bytes(build(with_pickle(GOOD_RECORDS, GOOD_PKL.replace(old, new))).raw)
+
+
+# --- every decoding failure is a 400 (issue 10, item 2) ----------------------------------------
+
+NEG_RAW = saved(torch._neg_view(GOOD_T))
+NEG_PKL = dict(records_of(NEG_RAW))["archive/data.pkl"]
+
+
+def test_negative_bit_is_resolved():
+    loaded = torch.load(io.BytesIO(NEG_RAW), weights_only=True)
+    assert loaded.is_neg()
+    with pytest.raises(RuntimeError):
+        loaded.numpy()
+    np.testing.assert_array_equal(decode_raw_bytes(NEG_RAW), -GOOD_T.numpy())
+
+
+def test_conjugate_bit_on_a_real_tensor_is_refused():
+    forged = NEG_PKL.replace(b"X\x03\x00\x00\x00neg", b"X\x04\x00\x00\x00conj")
+    refused_bytes(build(with_pickle(records_of(NEG_RAW), forged)).raw)
+    two_bits = NEG_PKL.replace(b"X\x03\x00\x00\x00negq\x0b\x88s",
+                               b"(X\x03\x00\x00\x00neg\x88X\x04\x00\x00\x00conj\x88u")
+    assert two_bits != NEG_PKL
+    refused_bytes(build(with_pickle(records_of(NEG_RAW), two_bits)).raw)
+
+
+def test_conjugated_complex_tensor_is_refused():
+    assert "float32, bfloat16" in refused_bytes(saved(torch.randn(2, HIDDEN, dtype=torch.complex64).conj()))
+
+
+def good_archive() -> Archive:
+    return build(GOOD_RECORDS)
+
+
+def field_named(archive: Archive, label: str):
+    return next(f for f in archive.fields if f.label == label)
+
+
+@pytest.mark.parametrize("label, value", [
+    ("local[0].flags", 0x0809),       # encrypted
+    ("central[0].flags", 0x0809),
+    ("local[0].flags", 0x0848),       # strong encryption
+    ("local[0].method", 99),          # unknown method (AES)
+    ("central[0].method", 99),
+    ("central[0].method", 8),         # deflate
+    ("central[0].method", 14),        # LZMA
+    ("central[0].version", 63),
+    ("central[0].version", 0xFFFF),   # zipfile: NotImplementedError
+    ("local[4].version", 45),
+    ("central[0].offset", 0x80000000),  # zip64-style offsets with the high bit set
+    ("central[4].offset", 0xFFFFFFFF),
+    ("zip64_end.cd_offset", 1 << 63),
+    ("zip64_end.cd_offset", (1 << 64) - 1),
+    ("zip64_end.n_total", 1 << 40),
+    ("zip64_locator.offset", 1 << 63),
+    ("end.cd_offset", 0x80000000),
+    ("central[2].ext_attr", 0x10),    # the DOS folder bit: torch's reader skips the record
+    ("end.n_total", 7 + 1),
+    ("central[0].csize", 0xFFFFFFFF),
+    ("central[0].usize", 0xFFFFFFFF),
+    ("central[0].extra_len", 20),
+    ("central[0].name_len", 0xFFFF),
+    ("local[0].extra_len", 0xFFFF),
+    ("central[0].crc", 0),
+    ("descriptor[0].usize", 1),
+    ("local[0].crc", 1),
+], ids=lambda v: v if isinstance(v, str) else hex(v))
+def test_malformed_zip_headers_are_a_400(label, value):
+    archive = good_archive()
+    refused_bytes(archive.with_field(field_named(archive, label), value))
+
+
+@pytest.mark.parametrize("label, value", [
+    ("local[0].time", 0x1234), ("central[0].date", 0x1234), ("central[0].made_by", 0x031E),
+    ("central[0].ext_attr", 0o600 << 16), ("zip64_end.made_by", 0x1234),
+    ("end.cd_offset", 0xFFFFFFFF), ("end.cd_size", 0xFFFFFFFF),
+], ids=lambda v: v if isinstance(v, str) else hex(v))
+def test_fields_torch_ignores_or_defers_to_zip64_may_change(label, value):
+    archive = good_archive()
+    np.testing.assert_array_equal(
+        decode_raw_bytes(archive.with_field(field_named(archive, label), value)), GOOD_T.numpy())
+
+
+# --- error messages quote a short prefix of what the client sent (issue 10, item 4) -------------
+
+LONG = "x" * 10_000_000
+
+
+@pytest.mark.parametrize("entry", [
+    {"dtype": LONG, "shape": [2, HIDDEN], "data": b""},
+    {"dtype": "float32", "shape": [LONG], "data": b""},
+    {"dtype": "float32", "shape": [1] * 1_000_000, "data": b""},
+    {"dtype": "float32", "shape": [-1] * 1_000_000, "data": b""},
+    {"dtype": "float32", "shape": [2, HIDDEN], "data": b"", LONG: 1},
+    {"dtype": "float32", "shape": [2, HIDDEN], "data": b"", **{str(i): i for i in range(100_000)}},
+], ids=["dtype", "shape-str", "shape-rank", "shape-negative", "extra-key", "many-keys"])
+def test_raw_entry_errors_quote_a_short_prefix(entry):
+    with pytest.raises(EmbedsError) as info:
+        decode_raw(entry)
+    assert info.value.status == 400 and len(str(info.value)) < 400, str(info.value)[:500]
+
+
+def test_record_name_errors_quote_a_short_prefix():
+    msg = refused_bytes(build(GOOD_RECORDS + [("archive/" + "y" * 60_000, b"")]).raw)
+    assert len(msg) < 400
