@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from replicas.block_keys import ROOT_KEY, BlockKeyer
+from replicas.block_keys import BlockKeyer
 from replicas.block_pool import BlockPool, raise_problems
 from replicas.sequence import Sequence, SequenceStatus
 
@@ -40,13 +40,13 @@ class KVCacheManager:
 
     def _block_key(self, seq: Sequence, block_index: int, parent: bytes) -> bytes:
         start, end = block_index * self.block_size, (block_index + 1) * self.block_size
-        embeds = seq.prompt_embeds[start:min(end, seq.num_embeds)] if start < seq.num_embeds else None
-        return self.keyer.key(parent, seq.token_ids[max(start, seq.num_embeds):end], embeds)
+        spans = [(pos - start, rows) for pos, rows in seq.embeds_spans(start, end)]
+        return self.keyer.key(parent, seq.token_ids[start:end], spans)
 
     def _key_of(self, seq: Sequence, block_index: int) -> bytes:
         while len(seq.block_hashes) <= block_index:
             i = len(seq.block_hashes)
-            parent = seq.block_hashes[i - 1] if i else ROOT_KEY
+            parent = seq.block_hashes[i - 1] if i else self.keyer.root
             seq.block_hashes.append(self._block_key(seq, i, parent))
         return seq.block_hashes[block_index]
 
@@ -116,7 +116,7 @@ class KVCacheManager:
                                 f"of {seq.num_tokens} tokens (expected {lo}..{hi})")
             if seq.status is not SequenceStatus.RUNNING and seq.block_table:
                 problems.append(f"{who} is {seq.status.value} but holds blocks {seq.block_table}")
-            key = ROOT_KEY
+            key = self.keyer.root
             for i, block_id in enumerate(seq.block_table[:seq.num_registered_blocks]):
                 key = self._block_key(seq, i, key)  # afresh: a stale seq.block_hashes shows up too
                 if self.pool.blocks[block_id].block_hash not in (None, key):

@@ -5,7 +5,7 @@ import struct
 import torch
 
 from cluster import SamplingParams
-from replicas.block_keys import ROOT_KEY, BlockKeyer
+from replicas.block_keys import BlockKeyer
 from tests.kv_support import make_seq, manager
 
 # Two 16-token blocks with equal CPython (3.8+, 64-bit) tuple hashes: found by a birthday search
@@ -24,7 +24,7 @@ def test_blocks_that_collided_under_python_hash_get_different_keys():
     keyer = BlockKeyer()
     for a, b in COLLIDING:
         assert a != b and hash((None, None, tuple(a))) == hash((None, None, tuple(b)))  # the old key
-        assert keyer.key(ROOT_KEY, a) != keyer.key(ROOT_KEY, b)
+        assert keyer.key(keyer.root, a) != keyer.key(keyer.root, b)
 
 
 def test_colliding_block_gets_no_prefix_hit():
@@ -53,32 +53,41 @@ def test_many_near_identical_blocks_have_distinct_keys():
     keyer, rng = BlockKeyer(), random.Random(0)
     head = [rng.randrange(50000) for _ in range(12)]
     blocks = {tuple(head + [rng.randrange(50000) for _ in range(4)]) for _ in range(20000)}
-    assert len({keyer.key(ROOT_KEY, list(b)) for b in blocks}) == len(blocks)
+    assert len({keyer.key(keyer.root, list(b)) for b in blocks}) == len(blocks)
 
 
 def test_tokens_and_embeds_with_equal_bytes_differ():
-    keyer = BlockKeyer()
+    keyer, root = BlockKeyer(), BlockKeyer().root
     tokens = list(range(1000, 1016))
     raw = struct.pack("<16q", *tokens)
-    as_embeds = torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(16, 2)  # 8 bytes a row
-    assert keyer.key(ROOT_KEY, tokens) != keyer.key(ROOT_KEY, [], as_embeds)
-    # the boundary between embeds rows and tokens moves, the concatenated bytes stay
-    assert keyer.key(ROOT_KEY, tokens[4:], as_embeds[:4]) != keyer.key(ROOT_KEY, tokens[3:], as_embeds[:3])
-    # equal bytes, different dtype
+    rows = torch.frombuffer(bytearray(raw), dtype=torch.float32).reshape(16, 2)  # row i: token i's bytes
+    placeholders = [0] * 16
+    assert keyer.key(root, tokens) != keyer.key(root, placeholders, [(0, rows)])
+    # token id 0 (the placeholder) everywhere against zero rows
+    assert keyer.key(root, placeholders) != keyer.key(root, placeholders, [(0, torch.zeros(16, 2))])
+    # the boundary between embeds rows and tokens moves, every byte stays
+    assert keyer.key(root, [0] * 4 + tokens[4:], [(0, rows[:4])]) != \
+        keyer.key(root, [0] * 3 + tokens[3:], [(0, rows[:3])])
+    # the same rows at another offset, or split into two runs
+    assert keyer.key(root, placeholders, [(0, rows[:4])]) != keyer.key(root, placeholders, [(1, rows[:4])])
+    assert keyer.key(root, placeholders, [(0, rows[:4])]) != \
+        keyer.key(root, placeholders, [(0, rows[:2]), (2, rows[2:4])])
+    # equal bytes, different dtype or row width
     half = torch.arange(32, dtype=torch.float16).reshape(16, 2)
-    assert keyer.key(ROOT_KEY, [], half) != keyer.key(ROOT_KEY, [], half.view(torch.bfloat16))
-    # equal bytes, different row width
-    assert keyer.key(ROOT_KEY, [], as_embeds) != keyer.key(ROOT_KEY, [], as_embeds.reshape(8, 4))
+    assert keyer.key(root, placeholders, [(0, half)]) != keyer.key(root, placeholders, [(0, half.view(torch.bfloat16))])
+    assert keyer.key(root, placeholders, [(0, rows)]) != keyer.key(root, placeholders[:8], [(0, rows.reshape(8, 4))])
 
 
 def test_keys_chain_on_the_parent_and_depend_on_the_engine_secret():
     keyer, tokens = BlockKeyer(), list(range(16))
-    first = keyer.key(ROOT_KEY, tokens)
+    first = keyer.key(keyer.root, tokens)
     assert keyer.key(first, tokens) != first
-    assert keyer.key(keyer.key(ROOT_KEY, [1] * 16), tokens) != keyer.key(first, tokens)
-    assert keyer.key(ROOT_KEY, tokens) == first and isinstance(first, bytes) and len(first) == 32
-    assert BlockKeyer().key(ROOT_KEY, tokens) != first  # os.urandom per engine
-    assert BlockKeyer(b"k" * 32).key(ROOT_KEY, tokens) == BlockKeyer(b"k" * 32).key(ROOT_KEY, tokens)
+    assert keyer.key(keyer.key(keyer.root, [1] * 16), tokens) != keyer.key(first, tokens)
+    assert keyer.key(keyer.root, tokens) == first and isinstance(first, bytes) and len(first) == 32
+    other = BlockKeyer()  # os.urandom per engine
+    assert other.root != keyer.root and other.key(other.root, tokens) != first
+    same_a, same_b = BlockKeyer(b"k" * 32), BlockKeyer(b"k" * 32)
+    assert same_a.key(same_a.root, tokens) == same_b.key(same_b.root, tokens)
 
 
 def test_repeated_embeds_prefix_hits_and_a_changed_row_misses():
@@ -93,3 +102,14 @@ def test_repeated_embeds_prefix_hits_and_a_changed_row_misses():
     changed[20, 3] += 1e-3
     assert kv.find_prefix(make_seq(embeds=changed)).num_tokens == 16
     assert kv.find_prefix(make_seq(embeds=rows.to(torch.float64))).num_tokens == 0
+
+
+def test_token_prompt_never_hits_an_embeds_prompt_with_the_same_placeholder_ids():
+    kv = manager(num_blocks=16)
+    embeds = make_seq(embeds=torch.zeros(33, 8))
+    assert kv.allocate(embeds, embeds.num_tokens)
+    embeds.num_computed_tokens = embeds.num_tokens
+    kv.cache_full_blocks(embeds)
+    assert kv.find_prefix(make_seq(list(embeds.token_ids))).num_tokens == 0
+    kv.free(embeds)
+    kv.check_integrity()
