@@ -45,6 +45,7 @@ class Field:
 class Archive:
     raw: bytes
     fields: list[Field] = field(default_factory=list)
+    names: list[tuple[int, int]] = field(default_factory=list)  # (offset, length) of each name
 
     def with_field(self, f: Field, value: int) -> bytes:
         out = bytearray(self.raw)
@@ -56,6 +57,11 @@ class _Writer:
     def __init__(self):
         self.out = bytearray()
         self.fields: list[Field] = []
+        self.names: list[tuple[int, int]] = []
+
+    def name(self, name_b: bytes) -> None:
+        self.names.append((len(self.out), len(name_b)))
+        self.out += name_b
 
     def header(self, layout: tuple[str, tuple[str, ...]], label: str, *values: int) -> None:
         fmt, names = layout
@@ -87,7 +93,8 @@ def build(records: list[tuple[str, bytes]], *, torch_layout: bool = True) -> Arc
         local_sizes = (0, 0, 0) if descriptor else (crc, len(data), len(data))
         w.header(LOCAL, f"local[{i}]", 0x04034B50, version, flags, 0, 0, 0, *local_sizes,
                  len(name_b), len(extra))
-        w.out += name_b + extra + data
+        w.name(name_b)
+        w.out += extra + data
         if descriptor:
             w.header(DESCRIPTOR, f"descriptor[{i}]", 0x08074B50, crc, len(data), len(data))
     cd_offset = len(w.out)
@@ -96,14 +103,14 @@ def build(records: list[tuple[str, bytes]], *, torch_layout: bool = True) -> Arc
         w.header(CENTRAL, f"central[{i}]", 0x02014B50, 0 if torch_layout else 20, version, flags,
                  0, 0, 0, zlib.crc32(data), len(data), len(data), len(name_b), 0, 0, 0, 0, 0,
                  offset)
-        w.out += name_b
+        w.name(name_b)
     cd_size, n = len(w.out) - cd_offset, len(records)
     if torch_layout:
         end64 = len(w.out)
         w.header(ZIP64_END, "zip64_end", 0x06064B50, 44, 0x031E, 45, 0, 0, n, n, cd_size, cd_offset)
         w.header(ZIP64_LOCATOR, "zip64_locator", 0x07064B50, 0, end64, 1)
     w.header(END, "end", 0x06054B50, 0, 0, n, n, cd_size, cd_offset, 0)
-    return Archive(bytes(w.out), w.fields)
+    return Archive(bytes(w.out), w.fields, w.names)
 
 
 def saved(obj, **save_kwargs) -> bytes:
