@@ -43,17 +43,22 @@ class IncrementalDetokenizer:
         if pending == 0:
             return ""
         delta = self._emit()
-        if not delta and pending > 1:  # the batch ends in a partial character: emit what precedes it
+        if self.read_offset < len(self.ids) and pending > 1:  # ends in a partial character: emit what precedes it
             tail = self.ids[self.read_offset:]
             del self.ids[self.read_offset:]
-            delta = "".join(self.add(t) for t in tail)
+            parts = []
+            for token in tail:
+                self.ids.append(token)
+                parts.append(self._emit())
+            delta = "".join(parts)
         return delta
 
     def _emit(self) -> str:
         if self._read_text is None:
             self._read_text = self._decode(self.ids[self.prefix_offset:self.read_offset])
         after = self._decode(self.ids[self.prefix_offset:])
-        if len(after) <= len(self._read_text) or after.endswith("\ufffd"):
+        # A partial character waits for its next byte; tokens that add no text (skipped specials) move on.
+        if len(after) < len(self._read_text) or after.endswith("\ufffd"):
             return ""
         delta = after[len(self._read_text):]
         self.text += delta

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from replicas.attention import get_attention_backend
+from replicas.attention import AttentionMetadata, get_attention_backend
 from replicas.block_tables import DeviceBlockTables
 from replicas.config import EngineConfig, ModelConfig
 from replicas.cuda_graphs import DecodeGraphs, graph_batch_sizes
@@ -86,38 +86,39 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _profile_peak_activation_bytes(self) -> int:
-        """A prefill of max_num_batched_tokens rows (one sequence over a scratch cache) plus logits and
-        sampling for max_num_seqs rows."""
-        rows, m = self.max_rows, self.model_cfg
-        scratch_blocks = -(-rows // self.block_size)
-        scratch = [torch.zeros((2, scratch_blocks, self.block_size, m.num_kv_heads, m.head_dim), dtype=self.dtype,
-                               device=self.device) for _ in range(m.num_layers)]
-        torch.cuda.synchronize(self.device)
-        before = torch.cuda.memory_allocated(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.tables.table[0, :scratch_blocks] = torch.arange(scratch_blocks, dtype=torch.int32, device=self.device)
-        positions = torch.arange(rows, device=self.device)
-        meta = self._profile_meta(rows, positions)
+        """A prefill of max_num_batched_tokens rows (sequences of up to max_model_len over a scratch
+        cache) plus logits and sampling for max_num_seqs rows."""
+        rows, m, dev = self.max_rows, self.model_cfg, self.device
+        per_seq = min(rows, m.max_model_len)
+        lens = [min(per_seq, rows - start) for start in range(0, rows, per_seq)]
+        blocks_per_seq = -(-per_seq // self.block_size)
+        scratch = [torch.zeros((2, blocks_per_seq * len(lens), self.block_size, m.num_kv_heads, m.head_dim),
+                               dtype=self.dtype, device=dev) for _ in range(m.num_layers)]
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        blocks = torch.arange(blocks_per_seq * len(lens), dtype=torch.int32, device=dev).view(len(lens), -1)
+        self.tables.table[:len(lens), :blocks_per_seq] = blocks
+        positions = torch.cat([torch.arange(n, device=dev) for n in lens])
+        seq_index = torch.repeat_interleave(torch.arange(len(lens), device=dev), torch.tensor(lens, device=dev))
+        starts = [0]
+        for n in lens:
+            starts.append(starts[-1] + n)
+        meta = AttentionMetadata(
+            slot_mapping=seq_index * blocks_per_seq * self.block_size + positions,
+            query_start_loc=torch.tensor(starts, device=dev), seq_lens=torch.tensor(lens, device=dev),
+            block_tables=self.tables.table, seq_rows=torch.arange(len(lens), device=dev),
+            max_query_len=max(lens), max_seq_len=max(lens), block_size=self.block_size)
         self.backend.prepare(meta)
         hidden = self.model(self.model.embed(positions % m.vocab_size), positions, scratch, meta, self.backend)
         logits = self.model.compute_logits(hidden[: self.max_seqs])
         torch.softmax(logits, dim=-1).sort(dim=-1)
-        torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - before
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - before
         del scratch, hidden, logits
-        self.tables.table[0].zero_()
+        self.tables.table.zero_()
         torch.cuda.empty_cache()
         return peak
-
-    def _profile_meta(self, rows: int, positions: torch.Tensor):
-        from replicas.attention import AttentionMetadata
-
-        dev = self.device
-        return AttentionMetadata(
-            slot_mapping=positions, query_start_loc=torch.tensor([0, rows], device=dev),
-            seq_lens=torch.tensor([rows], device=dev), block_tables=self.tables.table,
-            seq_rows=torch.zeros(1, dtype=torch.long, device=dev), max_query_len=rows, max_seq_len=rows,
-            block_size=self.block_size)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> DecodeGraphs | None:

@@ -1,0 +1,84 @@
+"""Profile of decode steps on one GPU: wall time per step beside the GPU's kernel time per step
+(the rest is launch overhead and the engine's Python), at a full decode batch.
+
+    python bench/step_profile.py --model llama-3.2-1b --tokenizer .devtok --batch 256 --context 512
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import device_name, slug  # noqa: E402
+from cluster.llm import LLM  # noqa: E402
+from replicas.sampling_params import SamplingParams  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.2-1b")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--temperature", type=float, default=0.6)
+    ap.add_argument("--enforce-eager", action="store_true")
+    args = ap.parse_args()
+
+    llm = LLM(model=args.model, load_format="dummy", tokenizer=args.tokenizer, max_model_len=4096,
+              max_num_batched_tokens=8192, enforce_eager=args.enforce_eager)
+    engine = llm.engine
+    params = SamplingParams(max_tokens=4 * args.steps + 64, temperature=args.temperature, ignore_eos=True)
+    for i in range(args.batch):
+        engine.add_request(f"p{i}", {"prompt_token_ids": [(i * 7 + j) % 10000 for j in range(args.context)]},
+                           params, final_only=True)
+    while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running) \
+            or engine.scheduler.waiting or not engine.scheduler.running:
+        engine.step()
+    for _ in range(5):
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        engine.step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / args.steps
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            engine.step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu_total = sum(e.self_device_time_total for e in events) / 1e6 / args.steps  # seconds per step
+    top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    for name in list(engine._requests):
+        engine.abort_request(name)
+    while engine.has_unfinished_requests():
+        engine.step()
+
+    result = {"bench": "step_profile", "device": device_name(), "model": args.model, "batch": args.batch,
+              "context": args.context, "cuda_graphs": engine.runner.graphs is not None,
+              "wall_ms_per_step": wall * 1e3, "gpu_kernel_ms_per_step": gpu_total * 1e3,
+              "host_gap_ms_per_step": (wall - gpu_total) * 1e3, "decode_tok_s": args.batch / wall,
+              "top_kernels_ms_per_step": {e.key[:80]: e.self_device_time_total / 1e3 / args.steps for e in top}}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"step-profile-{slug(args.model)}-b{args.batch}-{slug(result['device'])}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{args.model} batch {args.batch} context {args.context} graphs={result['cuda_graphs']}: "
+          f"wall {wall * 1e3:.2f} ms/step, GPU kernels {gpu_total * 1e3:.2f} ms/step, "
+          f"gap {(wall - gpu_total) * 1e3:.2f} ms/step, {args.batch / wall:.0f} tok/s")
+    for k, v in result["top_kernels_ms_per_step"].items():
+        print(f"  {v:8.3f} ms  {k}")
+
+
+if __name__ == "__main__":
+    main()
