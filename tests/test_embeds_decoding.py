@@ -19,7 +19,8 @@ from router.embeds import (
     decode_raw_embeds,
     decode_torch_save_bytes,
 )
-from torch_save_layout import Archive, build, pickle_ops, records_of, saved, with_pickle
+from torch_save_layout import (Archive, build, case_collision, legacy_bytearray_bomb, opcode_flood,
+                               records_of, saved, with_pickle)
 
 HIDDEN = 8
 CAP = 1 << 20  # 1 MiB of tensor data
@@ -473,6 +474,9 @@ def test_legacy_pickle_before_a_valid_archive_is_refused():
     assert zipfile.ZipFile(io.BytesIO(payload)).namelist()[0] == "archive/data.pkl"
     assert torch.load(io.BytesIO(payload), weights_only=True)[0, 0] == 7.0  # the bypass is live
     assert "does not start with a zip local header" in refused_bytes(payload)
+    small_bomb = legacy_bytearray_bomb(1000) + GOOD_RAW  # with 1 << 30 it allocates 1 GiB
+    assert len(torch.load(io.BytesIO(small_bomb), weights_only=True)) == 1000
+    refused_bytes(legacy_bytearray_bomb() + GOOD_RAW)
 
 
 @pytest.mark.parametrize("before, after", [
@@ -487,9 +491,7 @@ def test_anything_outside_the_archive_is_refused(before, after):
 
 def test_case_insensitive_name_collision_is_refused():
     # torch looks archive/data.pkl up ignoring case: it would run DATA.PKL, not the checked one.
-    evil = dict(records_of(saved(GOOD_T[:1])))["archive/data.pkl"]
-    records = [("archive/x/data.pkl" if n.endswith("data.pkl") else n, d) for n, d in GOOD_RECORDS]
-    payload = build(records + [("archive/DATA.PKL", evil)]).raw
+    payload = case_collision(GOOD_RAW, dict(records_of(saved(GOOD_T[:1])))["archive/data.pkl"])
     assert torch.load(io.BytesIO(payload), weights_only=True).shape == (1, HIDDEN)  # live
     refused_bytes(payload)
 
@@ -530,17 +532,11 @@ def test_unreferenced_or_missing_data_records_are_refused():
 
 # --- the pickle is bounded before it runs -------------------------------------------------------
 
-def with_ops(before: bytes = b"", after_proto: bytes = b"") -> bytes:
-    """GOOD_PKL with bytes inserted after its PROTO opcode (or before it)."""
-    ops = pickle_ops(GOOD_PKL)
-    return build(with_pickle(GOOD_RECORDS, before + ops[0] + after_proto + b"".join(ops[1:]))).raw
-
-
 @pytest.mark.parametrize("op", [b"}", b"(", b"N", b"\x8f", b"]", b")"],
                          ids=["EMPTY_DICT", "MARK", "NONE", "EMPTY_SET", "EMPTY_LIST", "EMPTY_TUPLE"])
 @pytest.mark.parametrize("count", [1, 100, 3000, 1_000_000])
 def test_opcode_floods_ending_in_a_valid_tensor_are_refused(op, count):
-    payload = with_ops(after_proto=op * count)
+    payload = opcode_flood(GOOD_RAW, op, count)
     if count == 100 and op in (b"}", b"(", b"N"):  # the flood is live: torch.load accepts it
         assert torch.load(io.BytesIO(payload), weights_only=True).shape == (2, HIDDEN)
     msg = refused_bytes(payload)

@@ -7,6 +7,7 @@ and returns every header field's place so that a test can change one field and n
 from __future__ import annotations
 
 import io
+import pickle
 import pickletools
 import struct
 import zipfile
@@ -133,3 +134,32 @@ def pickle_ops(pickle_bytes: bytes) -> list[bytes]:
     """A pickle cut into its opcodes (each with its argument), in order."""
     starts = [pos for _op, _arg, pos in pickletools.genops(pickle_bytes)]
     return [pickle_bytes[a:b] for a, b in zip(starts, starts[1:] + [len(pickle_bytes)])]
+
+
+# --- payloads of the attack classes in issue 10 (each was accepted or crashed before) ----------
+
+def legacy_bytearray_bomb(nbytes: int = 1 << 30) -> bytes:
+    """A legacy (non-zip) torch.save stream whose object is bytearray(nbytes): ~170 bytes."""
+    legacy = saved(torch.zeros(1), _use_new_zipfile_serialization=False)
+    f, heads = io.BytesIO(legacy), []
+    for _ in range(3):  # magic number, protocol version, sys info
+        start = f.tell()
+        pickle.load(f)
+        heads.append(legacy[start:f.tell()])
+    obj = b"\x80\x02cbuiltins\nbytearray\nJ" + struct.pack("<i", nbytes) + b"\x85R."
+    return b"".join(heads) + obj + b"\x80\x02]q\x00."
+
+
+def case_collision(raw: bytes, evil_pickle: bytes) -> bytes:
+    """``raw``'s records with its data.pkl moved to a subfolder and archive/DATA.PKL beside it:
+    torch looks data.pkl up ignoring case."""
+    records = [(n.replace("/data.pkl", "/x/data.pkl"), d) for n, d in records_of(raw)]
+    top = records[0][0].split("/")[0]
+    return build(records + [(f"{top}/DATA.PKL", evil_pickle)]).raw
+
+
+def opcode_flood(raw: bytes, op: bytes, count: int) -> bytes:
+    """``raw`` with ``count`` one-byte opcodes after its pickle's PROTO: still a valid pickle."""
+    records = records_of(raw)
+    ops = pickle_ops(next(d for n, d in records if n.endswith("/data.pkl")))
+    return build(with_pickle(records, ops[0] + op * count + b"".join(ops[1:]))).raw
