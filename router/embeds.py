@@ -180,7 +180,6 @@ _META_RECORDS = {
     "data.pkl": None,                                   # checked by _tensor_plan
     "byteorder": re.compile(rb"little|big"),
     "version": re.compile(rb"\d{1,4}\n?"),
-    ".data/version": re.compile(rb"\d{1,4}\n?"),
     ".format_version": re.compile(rb"\d{1,4}"),
     ".storage_alignment": re.compile(rb"\d{1,8}"),
     ".data/serialization_id": re.compile(rb"\d{1,64}"),

@@ -502,6 +502,7 @@ def test_case_insensitive_name_collision_is_refused():
     [("archive/DATA/0", bytes(64))],
     [("archive/data/0", bytes(64))],
     [("archive/extra", b"")],
+    [("archive/.data/version", b"3\n")],            # TorchScript writes it, torch.save does not
     [("archive/data/0/x", b"")],
     [("archive/data/-1", b"")],
     [("archive/data/\u0660", bytes(64))],          # an Arabic-Indic digit zero

@@ -119,8 +119,8 @@ EXTRA_NAMES = ["archive/DATA.PKL", "archive/Data.pkl", "archive/x/data.pkl", "ar
                "archive/version", "archive/VERSION", "archive/.data/version", "other/data.pkl",
                "archive/byteorder", "archive/extra", "data.pkl", "archive/../data.pkl",
                "archive/data/0/", "archive/", "archive//data.pkl", "Archive/data.pkl"]
-ALLOWED_BELOW = {"data.pkl", "byteorder", "version", ".data/version", ".format_version",
-                 ".storage_alignment", ".data/serialization_id"}
+ALLOWED_BELOW = {"data.pkl", "byteorder", "version", ".format_version", ".storage_alignment",
+                 ".data/serialization_id"}
 
 
 def names_are_torch_save_names(names: list[str]) -> bool:
