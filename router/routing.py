@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 # Prefix lengths (characters of text, token ids, or embeds rows) hashed for affinity.
 _PREFIX_LENGTHS = (16, 32, 64, 128, 256, 512, 1024, 2048)
 _MAX_AFFINITY_ENTRIES = 50_000
-_MAX_TRACKED_REQUESTS = 100_000  # request id -> replica it was sent to, for targeted aborts
+_MAX_TRACKED_REQUESTS = 10_000  # request id -> replica it was sent to, for targeted aborts
 
 # (app name, deployment name) -> the live request router in this process (read by /metrics).
 ROUTERS: dict[tuple[str, str], "PrefixAffinityRouter"] = {}
@@ -168,6 +168,9 @@ class PrefixAffinityRouter(RequestRouter):
         """The replica this process last sent a request id to."""
         return self._sent_to.get(request_id)
 
+    def forget(self, request_id: str) -> None:
+        self._sent_to.pop(request_id, None)
+
     # -- RequestRouter hooks ------------------------------------------------------------------
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
@@ -263,6 +266,12 @@ def replica_failed(handle, request_id: str) -> None:
         r.mark_failed(replica)
 
 
+def forget_request(handle, request_id: str) -> None:
+    r = request_router_of(handle)
+    if r is not None:
+        r.forget(request_id)
+
+
 def _kind(e: BaseException) -> str:
     cause = getattr(e, "cause", None)
     return type(cause if isinstance(cause, BaseException) else e).__name__
@@ -330,3 +339,4 @@ async def stream_prompt(handle, request, embeds_ref=None, *, max_attempts: int =
         finally:
             if not done:  # the consumer stopped early (client gone): stop the replica's work too
                 gen.cancel()
+            forget_request(handle, request.request_id)
