@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--cprofile", action="store_true", help="also print the host functions that cost most")
     args = ap.parse_args()
 
     llm = LLM(model=args.model, load_format="dummy", tokenizer=args.tokenizer, max_model_len=4096,
@@ -60,6 +61,16 @@ def main() -> None:
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events) / 1e6 / args.steps  # seconds per step
     top = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:12]
+    if args.cprofile:
+        import cProfile
+        import pstats
+
+        host = cProfile.Profile()
+        host.enable()
+        for _ in range(args.steps):
+            engine.step()
+        host.disable()
+        pstats.Stats(host).sort_stats("tottime").print_stats(18)
     for name in list(engine._requests):
         engine.abort_request(name)
     while engine.has_unfinished_requests():

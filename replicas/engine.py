@@ -14,12 +14,12 @@ from replicas.detokenizer import IncrementalDetokenizer
 from replicas.inputs import ProcessedPrompt, process_prompt
 from replicas.kv_cache_manager import KVCacheManager
 from replicas.loader import load_model_source
-from replicas.model_runner import ModelRunner
+from replicas.model_runner import LaunchedStep, ModelRunner
 from replicas.outputs import CompletionOutput, Logprob, RequestOutput
 from replicas.sampler import SampleResult
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import Scheduler
-from replicas.sequence import Request, Sequence
+from replicas.sequence import PENDING_TOKEN, Request, Sequence
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class LLMEngine:
         self._pending_ids: set[str] = set()
         self._ids_lock = threading.Lock()
         self._requests: dict[str, Request] = {}
+        self._inflight: LaunchedStep | None = None  # launched, not read back yet
         logger.info("engine ready: %s on %s (%s), %d KV blocks of %d", self.model_name, self.device,
                     self.dtype, self.runner.num_blocks, cfg.block_size)
 
@@ -148,27 +149,61 @@ class LLMEngine:
     # ---- one step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        """Schedule and launch the next step, then read back the one before it: on CUDA the host
+        handles step N's tokens while the GPU runs step N + 1, whose inputs for tokens not yet
+        read back come straight from step N's device output."""
         changed: dict[str, Request] = {}
         self._drain_inbox(changed)
+        if self._inflight is not None and self._needs_token_history():
+            self._read_back(self._inflight, changed)
+            self._inflight = None
         sched = self.scheduler.schedule()
         for seq in sched.preempted:
             self.runner.release(seq)
+        launched = None
         if not sched.empty:
-            result = self.runner.execute(sched)
-            self.scheduler.after_step(sched)
-            for seq, entries in result.prompt_logprobs:
-                seq.prompt_logprobs.extend(self._logprob_dict(top) for top in entries)
-            sampling = [s.seq for s in sched.scheduled if s.samples]
-            for seq, sample in zip(sampling, result.samples):
-                self._append_token(seq, sample)
-                request = self._requests[seq.request_id]
-                if not request.final_only or seq.finished:
-                    changed[seq.request_id] = request
+            launched = self.runner.launch(sched)
+            for s in sched.scheduled:
+                s.seq.num_computed_tokens += s.num_new_tokens
+            for i, seq in enumerate(launched.sampling):
+                seq.pending_sample_index = i
+                launched.positions.append(len(seq.token_ids))
+                seq.token_ids.append(PENDING_TOKEN)
+        if self._inflight is not None:
+            self._read_back(self._inflight, changed)
+        self._inflight = launched
+        if launched is not None and not launched.overlappable:
+            self._read_back(launched, changed)
+            self._inflight = None
         outputs = [self._output(r) for r in changed.values() if r.finished or not r.final_only]
         for r in changed.values():
             if r.finished:
                 self._forget(r.request_id)
         return outputs
+
+    def _needs_token_history(self) -> bool:
+        """Penalties read every earlier token on the host, so they wait for the in-flight step."""
+        return any(s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+                   for s in self.scheduler.running)
+
+    def _read_back(self, step: LaunchedStep, changed: dict[str, Request]) -> None:
+        result = self.runner.collect(step)
+        for seq, entries in result.prompt_logprobs:
+            seq.prompt_logprobs.extend(self._logprob_dict(top) for top in entries)
+        # Place every token before caching blocks: a block may end with a token read back just now.
+        placed = []
+        for seq, sample, position in zip(step.sampling, result.samples, step.positions):
+            if not seq.finished:
+                seq.token_ids[position] = sample.token_id
+                placed.append((seq, sample, position + 1))
+        for s in step.sched.scheduled:
+            if not s.seq.finished:
+                self.kv.cache_full_blocks(s.seq)
+        for seq, sample, length in placed:
+            self._append_token(seq, sample, length)
+            request = self._requests[seq.request_id]
+            if not request.final_only or seq.finished:
+                changed[seq.request_id] = request
 
     def _drain_inbox(self, changed: dict[str, Request]) -> None:
         while True:
@@ -187,6 +222,7 @@ class LLMEngine:
                 for seq in request.seqs:
                     if not seq.finished:
                         seq.finish_reason = "abort"
+                        seq.drop_pending()
                         seq.detokenizer.flush()
                         self.scheduler.finish(seq)
                         self.runner.release(seq)
@@ -197,15 +233,17 @@ class LLMEngine:
         with self._ids_lock:
             self._pending_ids.discard(request_id)
 
-    def _append_token(self, seq: Sequence, result: SampleResult) -> None:
+    def _append_token(self, seq: Sequence, result: SampleResult, length: int) -> None:
+        """Account for a token already placed in token_ids; `length`: tokens read back so far
+        (later entries are still PENDING_TOKEN)."""
         p = seq.params
         token = result.token_id
-        seq.token_ids.append(token)
+        num_output = length - seq.num_prompt_tokens
         seq.cumulative_logprob += result.logprob
         if result.top_logprobs is not None:
             seq.logprobs.append(self._logprob_dict(result.top_logprobs))
 
-        can_stop = seq.num_output_tokens >= p.min_tokens
+        can_stop = num_output >= p.min_tokens
         if can_stop and token in p.stop_token_ids:
             self._finish(seq, "stop", token)
         elif can_stop and not p.ignore_eos and token in self.model_config.eos_token_ids:
@@ -216,8 +254,7 @@ class LLMEngine:
                 self._check_stop_strings(seq, len(delta))
         else:
             seq.detokenizer.push(token)
-        if not seq.finished and (seq.num_output_tokens >= seq.max_tokens
-                                 or seq.num_tokens >= self.model_config.max_model_len):
+        if not seq.finished and (num_output >= seq.max_tokens or length >= self.model_config.max_model_len):
             self._finish(seq, "length", None)
         if not seq.finished and seq.eager_text:
             hold = max((len(s) for s in p.stop_list), default=1) - 1
@@ -240,6 +277,7 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
+        seq.drop_pending()  # a step launched before this one was read back computed one token too many
         seq.detokenizer.flush()
         seq.visible_text_len = len(seq.detokenizer.text)
         self.scheduler.finish(seq)
@@ -249,7 +287,7 @@ class LLMEngine:
         outputs = [CompletionOutput(
             index=s.index,
             text=s.detokenizer.text[: len(s.detokenizer.text) if s.finished else s.visible_text_len],
-            token_ids=list(s.output_token_ids),
+            token_ids=s.read_output_ids(),
             cumulative_logprob=s.cumulative_logprob,
             logprobs=list(s.logprobs) if s.params.logprobs is not None else None,
             finish_reason=s.finish_reason,

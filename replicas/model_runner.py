@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -24,6 +24,25 @@ logger = logging.getLogger(__name__)
 
 _PROMPT_LOGPROB_SLICE = 256
 _GRAPH_MEMORY_RESERVE = 512 * 1024**2  # captured graphs' pool and allocator slack
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose device work is queued; its samples arrive in `host` once `ready` fires."""
+
+    sched: SchedulerOutput
+    sampling: list[Sequence]  # the scheduled sequences that sample, in sample-row order
+    prompt_logprobs: list[tuple[Sequence, list[list[tuple[int, float, int]]]]]
+    positions: list[int] = field(default_factory=list)  # where each sample goes in its sequence's token_ids
+    host: torch.Tensor | None = None  # packed sample columns (pinned on CUDA)
+    ready: torch.cuda.Event | None = None
+    k: int | None = None
+
+    @property
+    def overlappable(self) -> bool:
+        """The host may launch the next step before reading this one back (on the CPU the work is
+        done at launch; the same order keeps one code path)."""
+        return not self.prompt_logprobs
 
 
 @dataclass
@@ -58,6 +77,7 @@ class ModelRunner:
         shape = (2, self.num_blocks, self.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_cfg.num_layers)]
         self.graphs = self._capture_graphs()
+        self._last_tokens: torch.Tensor | None = None  # the latest launched step's sampled tokens
 
     # ---- start-up ----------------------------------------------------------------------------
 
@@ -153,9 +173,11 @@ class ModelRunner:
         return self.graphs.size_for(len(out.scheduled))
 
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> StepResult:
+    def launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Queue the step's device work and the copy of its samples to the host; returns before the GPU
+        finishes, so the host can handle the previous step meanwhile (see collect)."""
         graph_size = self._graph_size(out)
-        batch = self.inputs.build(out, pad_to=graph_size)
+        batch = self.inputs.build(out, pad_to=graph_size, prev_tokens=self._last_tokens)
         if graph_size is not None:
             self.model.embed(batch.input_ids, batch.embeds_index, batch.embeds_rows,
                              out=self.graphs.hidden_in[:graph_size])
@@ -165,11 +187,30 @@ class ModelRunner:
             self.backend.prepare(batch.meta)
             hidden = self.model(x, batch.positions, self.kv_caches, batch.meta, self.backend)
         prompt_logprobs = [(p.seq, self._prompt_logprobs(hidden, p)) for p in batch.prompt_logprob_rows]
-        samples = []
-        if batch.num_samples:
-            logits = self.model.compute_logits(hidden[batch.sample_rows])
-            samples = self.sampler(logits, [s.seq for s in out.scheduled if s.samples])
-        return StepResult(samples, prompt_logprobs)
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        step = LaunchedStep(out, sampling, prompt_logprobs)
+        if sampling:
+            launched = self.sampler.launch(self.model.compute_logits(hidden[batch.sample_rows]), sampling)
+            self._last_tokens = launched.tokens
+            step.k = launched.k
+            if self.device.type == "cuda":
+                step.host = torch.empty(launched.packed.shape, dtype=launched.packed.dtype, pin_memory=True)
+                step.host.copy_(launched.packed, non_blocking=True)
+                step.ready = torch.cuda.Event()
+                step.ready.record()
+            else:
+                step.host = launched.packed
+        return step
+
+    def collect(self, step: LaunchedStep) -> StepResult:
+        """The step's samples, once its copy to the host has landed."""
+        if step.ready is not None:
+            step.ready.synchronize()
+        samples = [] if step.host is None else self.sampler.results(step.host.tolist(), step.sampling, step.k)
+        return StepResult(samples, step.prompt_logprobs)
+
+    def execute(self, out: SchedulerOutput) -> StepResult:
+        return self.collect(self.launch(out))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, p: PromptLogprobRows) -> list[list[tuple[int, float, int]]]:
         k = p.seq.params.prompt_logprobs
@@ -182,4 +223,4 @@ class ModelRunner:
         return entries
 
 
-__all__ = ["ModelRunner", "StepResult", "StepBatch"]
+__all__ = ["ModelRunner", "LaunchedStep", "StepResult", "StepBatch"]

@@ -16,6 +16,13 @@ class SampleResult:
     top_logprobs: list[tuple[int, float, int]] | None  # (token id, logprob, rank), best first, incl. the sampled one
 
 
+@dataclass
+class SampleLaunch:
+    tokens: torch.Tensor  # [S] int64 on the device: the next step's inputs can be read from here
+    packed: torch.Tensor  # [S, columns] float64: token, logprob, rank, top ids, top logprobs
+    k: int | None  # top logprobs packed per row
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device):
         self.vocab_size = vocab_size
@@ -23,7 +30,8 @@ class Sampler:
         self.device = device
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+    def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleLaunch:
+        """Sample on the device; nothing waits for the GPU here."""
         raw = logits[:, : self.vocab_size].float()
         lse = torch.logsumexp(raw, dim=-1)
         processed = self._process(raw, seqs)
@@ -38,8 +46,15 @@ class Sampler:
             if k > 0:
                 values, ids = logprobs.topk(k, dim=-1)
                 columns += [ids.double(), values.double()]
-        host = torch.cat(columns, dim=1).cpu().tolist()  # the step's one device-to-host copy
-        return [self._result(row, seq, k) for row, seq in zip(host, seqs)]
+        return SampleLaunch(tokens, torch.cat(columns, dim=1), k)
+
+    def results(self, rows: list[list[float]], seqs: list[Sequence], k: int | None) -> list[SampleResult]:
+        """rows: the launch's packed columns, on the host."""
+        return [self._result(row, seq, k) for row, seq in zip(rows, seqs)]
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        launched = self.launch(logits, seqs)
+        return self.results(launched.packed.cpu().tolist(), seqs, launched.k)
 
     @staticmethod
     def _result(row: list[float], seq: Sequence, k: int | None) -> SampleResult:
@@ -87,15 +102,20 @@ class Sampler:
             logits[additive] -= frequency * counts + presence * (counts > 0).float()
         if blocked:
             rows, ids = zip(*blocked)
-            logits[torch.tensor(rows, device=self.device), torch.tensor(ids, device=self.device)] = float("-inf")
+            logits[self._to_device(rows, torch.long), self._to_device(ids, torch.long)] = float("-inf")
         return logits
 
     def _stop_ids(self, seq: Sequence, vocab: int) -> list[int]:
         stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos_token_ids)
         return [t for t in stops if 0 <= t < vocab]
 
+    def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        """A small host list on the device without waiting for the GPU (pinned, non-blocking copy)."""
+        host = torch.tensor(values, dtype=dtype, pin_memory=self.device.type == "cuda")
+        return host.to(self.device, non_blocking=True)
+
     def _column(self, values: list[float]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.float32, device=self.device)[:, None]
+        return self._to_device(values, torch.float32)[:, None]
 
     def _counts(self, vocab: int, token_lists: list[list[int]]) -> torch.Tensor:
         """[rows, vocab] occurrence counts of each row's tokens (ids outside the vocab ignored)."""
@@ -104,7 +124,8 @@ class Sampler:
         for i, ids in enumerate(token_lists):
             if ids:
                 padded[i, :len(ids)] = torch.tensor(ids, dtype=torch.long).clamp(0, vocab)
-        padded = padded.to(self.device)
+        padded = padded.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" \
+            else padded
         counts = torch.zeros((len(token_lists), vocab + 1), dtype=torch.float32, device=self.device)
         counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
         return counts[:, :vocab]
@@ -113,8 +134,8 @@ class Sampler:
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], greedy: list[bool]) -> torch.Tensor:
         params = [s.params for s in seqs]
-        temps = self._column([1.0 if g else p.temperature for g, p in zip(greedy, params)])
-        scaled = logits / temps
+        temps = [1.0 if g else p.temperature for g, p in zip(greedy, params)]
+        scaled = logits / (temps[0] if len(set(temps)) == 1 else self._column(temps))
         top_k = [0 if g else p.top_k for g, p in zip(greedy, params)]
         top_p = [1.0 if g else p.top_p for g, p in zip(greedy, params)]
         if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
@@ -132,14 +153,14 @@ class Sampler:
                 noise[i].exponential_(generator=seq.generator)
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
-            mask = torch.tensor(greedy, device=self.device)
+            mask = self._to_device(greedy, torch.bool)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
 
     def _top_k_top_p(self, logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         vocab = logits.shape[-1]
-        k = torch.tensor([kk if kk > 0 else vocab for kk in top_k], device=self.device)[:, None]
+        k = self._to_device([kk if kk > 0 else vocab for kk in top_k], torch.long)[:, None]
         ranks = torch.arange(vocab, device=self.device)[None, :]
         sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
         probs = torch.softmax(sorted_logits, dim=-1)

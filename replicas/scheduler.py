@@ -58,6 +58,9 @@ class Scheduler:
         queue = list(self.running)
         while queue and budget > 0:
             seq = queue.pop(0)
+            if seq.reached_max_tokens:  # finishes when its last token is read back
+                still_running.append(seq)
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not self.kv.allocate(seq, n):
                 victim = queue.pop() if queue else seq  # the newest running sequence gives way

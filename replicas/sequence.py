@@ -13,6 +13,9 @@ from replicas.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
 
+# Stands in token_ids for a sampled token still on its way back from the device.
+PENDING_TOKEN = -1
+
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
@@ -50,6 +53,7 @@ class Sequence:
     eager_text: bool = True  # detokenize every step (streams, stop strings); else once at the end
     table_row: int = -1  # the runner's device block-table row while the sequence holds blocks
     num_synced_blocks: int = 0  # leading block_table entries already written to that row
+    pending_sample_index: int = -1  # row of the in-flight step's samples holding this sequence's PENDING_TOKEN
 
     @property
     def num_embeds(self) -> int:
@@ -69,9 +73,25 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
+    def read_output_ids(self) -> list[int]:
+        """Generated tokens the host has read back (no trailing PENDING_TOKEN)."""
+        end = len(self.token_ids)
+        while end > self.num_prompt_tokens and self.token_ids[end - 1] == PENDING_TOKEN:
+            end -= 1
+        return self.token_ids[self.num_prompt_tokens:end]
+
+    def drop_pending(self) -> None:
+        while len(self.token_ids) > self.num_prompt_tokens and self.token_ids[-1] == PENDING_TOKEN:
+            self.token_ids.pop()
+
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def reached_max_tokens(self) -> bool:
+        """Every allowed token is sampled (some may still be on the way back): nothing left to compute."""
+        return self.num_output_tokens >= self.max_tokens
 
     @property
     def finished(self) -> bool:
@@ -91,6 +111,11 @@ class Request:
     seqs: list[Sequence]
     arrival_time: float
     final_only: bool = False  # reported once, when finished
+
+    @property
+    def reached_max_tokens(self) -> bool:
+        """Every allowed token is sampled (some may still be on the way back): nothing left to compute."""
+        return self.num_output_tokens >= self.max_tokens
 
     @property
     def finished(self) -> bool:

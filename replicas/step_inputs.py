@@ -14,7 +14,7 @@ import torch
 from replicas.attention import AttentionMetadata
 from replicas.block_tables import DeviceBlockTables, TableUpdate
 from replicas.scheduler import SchedulerOutput
-from replicas.sequence import Sequence
+from replicas.sequence import PENDING_TOKEN, Sequence
 
 
 @dataclass
@@ -47,7 +47,7 @@ class _Regions:
     def __init__(self, max_rows: int, max_seqs: int, max_updates: int):
         sizes = {"ids": max_rows, "pos": max_rows, "slots": max_rows, "embeds_index": max_rows,
                  "q_start": max_seqs + 1, "seq_lens": max_seqs, "seq_rows": max_seqs, "sample_rows": max_seqs,
-                 "upd_row": max_updates, "upd_col": max_updates, "upd_val": max_updates}
+                 "gather_dst": max_seqs, "gather_src": max_seqs, "upd_row": max_updates, "upd_col": max_updates, "upd_val": max_updates}
         self.slices: dict[str, slice] = {}
         at = 0
         for name, size in sizes.items():
@@ -80,14 +80,17 @@ class StepInputBuilder:
             self.copied[self.turn].synchronize()
         return self.hosts[self.turn], self.host_arrays[self.turn]
 
-    def build(self, out: SchedulerOutput, pad_to: int | None = None) -> StepBatch:
-        """pad_to: a captured decode graph's batch size; rows past the real ones write no KV."""
+    def build(self, out: SchedulerOutput, pad_to: int | None = None,
+              prev_tokens: torch.Tensor | None = None) -> StepBatch:
+        """pad_to: a captured decode graph's batch size; rows past the real ones write no KV.
+        prev_tokens: the previous step's sampled tokens on the device; a token the host has not
+        read back yet (PENDING_TOKEN) is taken from there (seq.pending_sample_index)."""
         host, h = self._host_views()
         bs = self.block_size
         updates: list[TableUpdate] = []
         embeds: list[torch.Tensor] = []
         prompt_rows: list[PromptLogprobRows] = []
-        t = num_embeds = num_samples = max_q = max_len = 0
+        t = num_embeds = num_samples = max_q = max_len = num_gathers = 0
         for i, s in enumerate(out.scheduled):
             seq, start, n = s.seq, s.start, s.num_new_tokens
             end = start + n
@@ -96,7 +99,13 @@ class StepInputBuilder:
             h["seq_lens"][i] = end
             table = seq.block_table
             if n == 1:
-                h["ids"][t] = seq.token_ids[start]
+                token = seq.token_ids[start]
+                if token == PENDING_TOKEN:
+                    h["gather_dst"][num_gathers] = t
+                    h["gather_src"][num_gathers] = seq.pending_sample_index
+                    num_gathers += 1
+                    token = 0
+                h["ids"][t] = token
                 h["pos"][t] = start
                 h["slots"][t] = table[start // bs] * bs + start % bs
             else:
@@ -132,24 +141,35 @@ class StepInputBuilder:
             self.dev.copy_(host, non_blocking=True)
             self.copied[self.turn] = torch.cuda.Event()
             self.copied[self.turn].record()
+        v = self.views
+        if num_gathers:
+            dst = v["gather_dst"][:num_gathers]
+            v["ids"].index_copy_(0, dst, prev_tokens.index_select(0, v["gather_src"][:num_gathers]))
         if num_updates:
-            v = self.views
             self.tables.table[v["upd_row"][:num_updates], v["upd_col"][:num_updates]] = \
                 v["upd_val"][:num_updates].to(torch.int32)
-        v = self.views
         meta = AttentionMetadata(
             slot_mapping=v["slots"][:t], query_start_loc=v["q_start"][:num_seqs + 1], seq_lens=v["seq_lens"][:num_seqs],
             block_tables=self.tables.table, seq_rows=v["seq_rows"][:num_seqs], max_query_len=max(max_q, 1),
             max_seq_len=max(max_len, 1), block_size=bs)
-        embeds_rows = None
-        if embeds:
-            rows = torch.cat(embeds) if len(embeds) > 1 else embeds[0]
-            embeds_rows = rows.to(self.device, self.embeds_dtype, non_blocking=True)
+        embeds_rows = self._embeds_to_device(embeds, num_embeds) if embeds else None
         return StepBatch(
             num_rows=t, num_seqs=num_seqs, input_ids=v["ids"][:t], positions=v["pos"][:t], meta=meta,
             sample_rows=v["sample_rows"][:num_samples], num_samples=num_samples,
             embeds_index=v["embeds_index"][:num_embeds] if num_embeds else None, embeds_rows=embeds_rows,
             prompt_logprob_rows=prompt_rows, decode_only=max_q == 1)
+
+    def _embeds_to_device(self, spans: list[torch.Tensor], total: int) -> torch.Tensor:
+        """One device buffer of the step's embeds rows, each span copied straight from the prompt's
+        (pinned) tensor: no host-side concatenation, no wait for the GPU."""
+        if not self.cuda:
+            return torch.cat(spans).to(self.embeds_dtype) if len(spans) > 1 else spans[0].to(self.embeds_dtype)
+        out = torch.empty((total, spans[0].shape[1]), dtype=self.embeds_dtype, device=self.device)
+        at = 0
+        for rows in spans:
+            out[at:at + rows.shape[0]].copy_(rows, non_blocking=True)
+            at += rows.shape[0]
+        return out
 
     def _write_updates(self, h: dict[str, np.ndarray], updates: list[TableUpdate]) -> int:
         k = 0

@@ -24,7 +24,7 @@ def _prompts(tok):
 def test_float32_greedy_matches_transformers(tmp_path, model_type, shape):
     tok = embedded_tokenizer()
     hf = make_tiny_model(tmp_path, model_type, tok, **SHAPES[shape])  # the reference runs on the CPU
-    llm = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256)
+    llm = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256, max_num_seqs=32)
     assert llm.engine.runner.backend.name == "triton" and llm.engine.runner.graphs is not None
     prompts = _prompts(tok)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
@@ -36,7 +36,7 @@ def test_float32_greedy_matches_transformers(tmp_path, model_type, shape):
 def test_bfloat16_top1_and_logprobs_close_to_transformers(tmp_path):
     tok = embedded_tokenizer()
     hf = make_tiny_model(tmp_path, "llama", tok, **SHAPES["d64"]).to("cuda", torch.bfloat16)
-    llm = LLM(model=str(tmp_path), num_gpu_blocks_override=256)
+    llm = LLM(model=str(tmp_path), num_gpu_blocks_override=256, max_num_seqs=32)
     assert llm.engine.dtype == torch.bfloat16
     prompts = _prompts(tok)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
@@ -59,8 +59,8 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tmp_path):
     tok = embedded_tokenizer()
     make_tiny_model(tmp_path, "llama", tok, **SHAPES["d64"])
     prompts = [{"prompt_token_ids": p} for p in _prompts(tok)]
-    graphs = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256)
-    eager = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256, enforce_eager=True)
+    graphs = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256, max_num_seqs=32)
+    eager = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256, max_num_seqs=32, enforce_eager=True)
     assert graphs.engine.runner.graphs is not None and eager.engine.runner.graphs is None
     a = graphs.generate(prompts, GREEDY, use_tqdm=False)
     b = eager.generate(prompts, GREEDY, use_tqdm=False)
@@ -70,7 +70,7 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tmp_path):
 def test_embeds_equal_token_ids_on_the_graph_path(tmp_path):
     tok = embedded_tokenizer()
     make_tiny_model(tmp_path, "qwen2", tok, **SHAPES["d64"])
-    llm = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256)
+    llm = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256, max_num_seqs=32)
     assert llm.engine.runner.graphs is not None
     ids = [chat_token_ids(tok, c) for c in CHATS]
     mixed = [{"prompt_embeds": llm.get_input_embeddings(ids[0])}, {"prompt_token_ids": ids[1]},
@@ -85,8 +85,8 @@ def test_preemption_under_a_small_pool_changes_nothing(tmp_path):
     make_tiny_model(tmp_path, "llama", tok, **SHAPES["d64"])
     prompts = [{"prompt_token_ids": chat_token_ids(tok, c) + [100 + i]} for i, c in enumerate(CHATS * 2)]
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
-    roomy = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=512)
-    small = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=14)
+    roomy = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=512, max_num_seqs=32)
+    small = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=14, max_num_seqs=32)
     a = roomy.generate(prompts, params, use_tqdm=False)
     b = small.generate(prompts, params, use_tqdm=False)
     assert small.engine.scheduler.num_preemptions > 0
@@ -97,7 +97,7 @@ def test_preemption_under_a_small_pool_changes_nothing(tmp_path):
 def test_seeded_sampling_repeats_on_the_device(tmp_path):
     tok = embedded_tokenizer()
     make_tiny_model(tmp_path, "llama", tok, **SHAPES["d64"])
-    llm = LLM(model=str(tmp_path), num_gpu_blocks_override=256)
+    llm = LLM(model=str(tmp_path), num_gpu_blocks_override=256, max_num_seqs=32)
     ids = chat_token_ids(tok, CHATS[0])
     params = SamplingParams(max_tokens=16, temperature=0.9, top_p=0.9, top_k=50, min_p=0.01, seed=7,
                             repetition_penalty=1.2, presence_penalty=0.3, frequency_penalty=0.2, min_tokens=4)
