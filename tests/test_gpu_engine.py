@@ -147,3 +147,17 @@ def test_triton_kernels_match_the_torch_reference(dtype, heads):
         tol = 2e-5 if dtype == torch.float32 else 2e-2
         assert torch.equal(outs[0][1], outs[1][1])
         assert (outs[0][0] - outs[1][0]).abs().max() < tol
+
+
+@pytest.mark.parametrize("hidden", [576, 2048, 4096])
+def test_fused_add_rmsnorm_matches_the_torch_path(hidden):
+    from replicas.models.fused_norm import add_rmsnorm
+    from replicas.models.llama import RMSNorm
+
+    norm = RMSNorm(hidden, 1e-5).to("cuda", torch.bfloat16)
+    torch.nn.init.normal_(norm.weight)
+    x, r = torch.randn((2, 37, hidden), device="cuda").to(torch.bfloat16)
+    expected_sum = x + r
+    out, summed = add_rmsnorm(x, norm.weight, 1e-5, r.clone())
+    assert torch.equal(summed, expected_sum)
+    assert (out.float() - norm(expected_sum).float()).abs().max() < 0.05

@@ -35,6 +35,21 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return out + bias if bias is not None else out
 
 
+def _fused_add_rmsnorm():
+    """The Triton add+RMSNorm kernel, or None where triton is missing."""
+    global _FUSED
+    if _FUSED is False:
+        try:
+            from replicas.models.fused_norm import add_rmsnorm
+        except ImportError:
+            add_rmsnorm = None
+        _FUSED = add_rmsnorm
+    return _FUSED
+
+
+_FUSED = False
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -46,6 +61,15 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rmsnorm(x + residual), x + residual); residual None: (rmsnorm(x), x). On CUDA one fused
+        kernel that may update `residual` in place."""
+        fused = _fused_add_rmsnorm() if x.is_cuda else None
+        if fused is not None:
+            return fused(x, self.weight, self.eps, residual)
+        residual = x if residual is None else x + residual
+        return self(residual), residual
 
 
 class Attention(nn.Module):
@@ -88,9 +112,12 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, kv_cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, kv_cache, meta, backend):
+        """x: the previous layer's output (the embeddings for the first); residual: the stream before it."""
+        h, residual = self.input_layernorm.add_norm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta, backend)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -119,9 +146,10 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
         """x: [T, hidden] input hidden states (see embed). Returns the final-norm hidden states."""
         cos, sin = self.rotary.lookup(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, cos, sin, kv_cache, meta, backend)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta, backend)
+        return self.norm.add_norm(x, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.lm_head if self.lm_head is not None else self.embed_tokens
