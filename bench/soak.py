@@ -376,10 +376,13 @@ def rss_kb(pid: int) -> int:
 def role(pid: int) -> str:
     """What a process is: Ray titles its workers `ray::<actor class>.<method running>`."""
     try:
-        first = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return "gone"
-    return first.split(" ")[0].split(".")[0] if first.startswith("ray::") else os.path.basename(first)
+    if args[0].startswith("ray::"):
+        return args[0].split(" ")[0].split(".")[0]
+    scripts = [os.path.basename(a) for a in args[1:] if a.endswith(".py")]  # Ray's python daemons
+    return scripts[0] if scripts else os.path.basename(args[0])
 
 
 def memory_by_role(root: int) -> dict[str, float]:

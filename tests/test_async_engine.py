@@ -25,7 +25,7 @@ def aengine():
 
 
 def run(coro):
-    return asyncio.run(coro)
+    return asyncio.run(asyncio.wait_for(coro, DEADLINE_S))
 
 
 async def final(ae: AsyncEngine, rid: str, prompt, params: SamplingParams):

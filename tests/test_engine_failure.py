@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import openai
@@ -59,6 +60,15 @@ def wait_for(check, what: str, timeout_s: float = DEADLINE_S):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
     return value
+
+
+def within(fn, timeout_s: float = DEADLINE_S):
+    """fn() in a thread, or TimeoutError after timeout_s (for blocking iterators)."""
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn).result(timeout=timeout_s)
+    finally:
+        pool.shutdown(wait=False)
 
 
 def live_replicas(client) -> list[str]:
@@ -150,9 +160,9 @@ def test_abort_of_a_running_stream_reports_it_was_running(server):
 
     deltas = server.client.stream("Tell me everything:", SamplingParams(max_tokens=LONG_TOKENS, ignore_eos=True),
                                   request_id="running-stream")
-    next(deltas)  # it runs on some replica now
+    within(lambda: next(deltas))  # it runs on some replica now
     assert server.client.abort("running-stream") is True
-    finishes = [d.finish_reason for d in deltas if d.finish_reason]
+    finishes = within(lambda: [d.finish_reason for d in deltas if d.finish_reason])
     assert finishes == ["abort"]
 
 
