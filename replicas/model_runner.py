@@ -190,7 +190,11 @@ class ModelRunner:
         sampling = [s.seq for s in out.scheduled if s.samples]
         step = LaunchedStep(out, sampling, prompt_logprobs)
         if sampling:
-            launched = self.sampler.launch(self.model.compute_logits(hidden[batch.sample_rows]), sampling)
+            last = hidden[batch.sample_rows]
+            if self.sampler.fuses(sampling):
+                launched = self.sampler.launch_fused(self.model.compute_logits(last, float32=False), sampling)
+            else:
+                launched = self.sampler.launch(self.model.compute_logits(last), sampling)
             self._last_tokens = launched.tokens
             step.k = launched.k
             if self.device.type == "cuda":

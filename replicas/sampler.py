@@ -2,6 +2,7 @@
 on the logits' device. Everything the host needs comes back in one device-to-host copy."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +24,56 @@ class SampleLaunch:
     k: int | None  # top logprobs packed per row
 
 
+def _fused_kernel():
+    if os.environ.get("RAYLM_FUSED_SAMPLING", "1") == "0":
+        return None
+    try:
+        from replicas.sampling_kernels import fused_sample
+    except ImportError:
+        return None
+    return fused_sample
+
+
 class Sampler:
     def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device):
         self.vocab_size = vocab_size
         self.eos_token_ids = eos_token_ids
         self.device = device
+        self.seed = seed
         self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.fused = _fused_kernel() if device.type == "cuda" else None
+        self.num_launches = 0
+
+    def fuses(self, seqs: list[Sequence]) -> bool:
+        """Plain temperature/greedy sampling without logprobs, penalties, min_tokens, top-k/p or min-p:
+        one Triton pass over the model-dtype logits (launch_fused)."""
+        if self.fused is None:
+            return False
+        for s in seqs:
+            p = s.params
+            if (p.logprobs is not None or p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                    or s.num_output_tokens < p.min_tokens
+                    or (not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0))):
+                return False
+        return True
+
+    def launch_fused(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleLaunch:
+        """A seeded sequence draws from (its seed, its output position), so it repeats whatever shares
+        the batch; the others from (the engine seed, a per-launch counter and their row)."""
+        self.num_launches += 1
+        seeds, offsets, temps = [], [], []
+        for row, s in enumerate(seqs):
+            p = s.params
+            temps.append(0.0 if p.greedy else p.temperature)
+            if p.seed is not None:
+                seeds.append((p.seed + s.index) & 0x7FFFFFFFFFFFFFFF)
+                offsets.append(s.num_output_tokens)
+            else:
+                seeds.append(self.seed)
+                offsets.append((self.num_launches << 20) + row)
+        tokens, logprobs = self.fused(logits, self.vocab_size, self._to_device(temps, torch.float32),
+                                      self._to_device(seeds, torch.long), self._to_device(offsets, torch.long))
+        return SampleLaunch(tokens, torch.stack([tokens.double(), logprobs.double()], dim=1), None)
 
     def launch(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampleLaunch:
         """Sample on the device; nothing waits for the GPU here."""

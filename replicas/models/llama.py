@@ -151,9 +151,10 @@ class LlamaForCausalLM(nn.Module):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta, backend)
         return self.norm.add_norm(x, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         head = self.lm_head if self.lm_head is not None else self.embed_tokens
-        return linear(hidden, head).float()
+        logits = linear(hidden, head)
+        return logits.float() if float32 else logits
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face parameter names, fusing q/k/v and gate/up projections."""
