@@ -6,8 +6,8 @@ per engine (so no key can be computed outside the engine), over an encoding that
 blocks share:
 
     parent key (32 bytes; a sequence's first block has the engine's root key)
-    per run of embeds rows: b"E", offset in the block, rows, row bytes, dtype name length,
-                            dtype name, the rows' raw bytes
+    per run of embeds rows: b"E", offset in the block, rows, row bytes, then the SHA-256 of
+                            (dtype name length, dtype name, the rows' raw bytes)
     b"T", count, the token ids of all positions as little-endian int64 (embeds positions hold
           the engine's placeholder id)
 
@@ -38,14 +38,23 @@ class BlockKeyer:
     def key(self, parent: bytes, token_ids: Sequence[int],
             embeds: Sequence[tuple[int, torch.Tensor]] = ()) -> bytes:
         """The key of a block after `parent` (self.root for the first): `token_ids` has one id per
-        position, `embeds` lists the (offset in the block, rows) runs of embedding rows."""
+        position, `embeds` lists the (offset in the block, rows) runs of embedding rows, each
+        optionally with its rows_digest already computed: (offset, rows, digest)."""
         h = hashlib.sha256(parent)
-        for offset, rows in embeds:
-            rows = rows.detach().cpu().contiguous()
-            dtype = str(rows.dtype).encode()
+        for entry in embeds:
+            offset, rows = entry[0], entry[1]
+            digest = entry[2] if len(entry) > 2 else rows_digest(rows)
             row_bytes = rows[0].numel() * rows.element_size() if rows.shape[0] else 0
-            h.update(b"E" + struct.pack("<QQQQ", offset, rows.shape[0], row_bytes, len(dtype)))
-            h.update(dtype)
-            h.update(rows.view(-1).view(torch.uint8).numpy())  # bf16 has no numpy dtype; its bytes do
+            h.update(b"E" + struct.pack("<QQQ", offset, rows.shape[0], row_bytes) + digest)
         h.update(b"T" + struct.pack(f"<Q{len(token_ids)}q", len(token_ids), *token_ids))
         return h.digest()
+
+
+def rows_digest(rows: torch.Tensor) -> bytes:
+    """SHA-256 of a run of embedding rows: their dtype name and raw bytes (hashlib releases the GIL
+    while it hashes, so several runs can be digested on several threads)."""
+    rows = rows.detach().cpu().contiguous()
+    dtype = str(rows.dtype).encode()
+    h = hashlib.sha256(struct.pack("<Q", len(dtype)) + dtype)
+    h.update(rows.view(-1).view(torch.uint8).numpy())  # bf16 has no numpy dtype; its bytes do
+    return h.digest()

@@ -48,9 +48,7 @@ def _embeds_tensor(value, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError(f"prompt_embeds has shape {tuple(value.shape)}; {expected}")
     if value.shape[0] == 0:
         raise ValueError(f"prompt_embeds is empty (0 rows); {expected} with seq_len >= 1")
-    value = value.detach().to(device="cpu", dtype=dtype)
-    # The engine's own copy; pinned on CUDA machines so prefill steps copy it to the GPU asynchronously.
-    return value.pin_memory() if torch.cuda.is_available() else value.clone().contiguous()
+    return value.detach().to(device="cpu", dtype=dtype).clone().contiguous()
 
 
 def process_prompt(prompt, tokenizer, model_cfg: ModelConfig, dtype: torch.dtype,

@@ -71,6 +71,7 @@ class StepInputBuilder:
         self.host_arrays = [{k: h.numpy()[s] for k, s in self.regions.slices.items()} for h in self.hosts]
         self.copied: list[torch.cuda.Event | None] = [None] * len(self.hosts)
         self.turn = 0
+        self.staging: list[torch.Tensor] | None = None  # pinned embeds rows, made on the first embeds step
         self.dev = torch.zeros(self.regions.total, dtype=torch.int64, device=device) if self.cuda else self.hosts[0]
         self.views = {k: self.dev[s] for k, s in self.regions.slices.items()}
 
@@ -160,15 +161,25 @@ class StepInputBuilder:
             prompt_logprob_rows=prompt_rows, decode_only=max_q == 1)
 
     def _embeds_to_device(self, spans: list[torch.Tensor], total: int) -> torch.Tensor:
-        """One device buffer of the step's embeds rows, each span copied straight from the prompt's
-        (pinned) tensor: no host-side concatenation, no wait for the GPU."""
+        """The step's embeds rows on the device: gathered into a pinned staging buffer (two, taken in
+        turn like the int buffers) and sent with one copy that does not wait for the GPU."""
         if not self.cuda:
             return torch.cat(spans).to(self.embeds_dtype) if len(spans) > 1 else spans[0].to(self.embeds_dtype)
-        out = torch.empty((total, spans[0].shape[1]), dtype=self.embeds_dtype, device=self.device)
+        if self.staging is None:
+            shape = (self.max_rows, spans[0].shape[1])
+            self.staging = [torch.empty(shape, dtype=self.embeds_dtype, pin_memory=True) for _ in range(2)]
+            self.staged: list[torch.cuda.Event | None] = [None, None]
+        turn = self.turn % 2
+        if self.staged[turn] is not None:
+            self.staged[turn].synchronize()
+        stage = self.staging[turn]
         at = 0
         for rows in spans:
-            out[at:at + rows.shape[0]].copy_(rows, non_blocking=True)
+            stage[at:at + rows.shape[0]].copy_(rows)
             at += rows.shape[0]
+        out = stage[:total].to(self.device, non_blocking=True)
+        self.staged[turn] = torch.cuda.Event()
+        self.staged[turn].record()
         return out
 
     def _write_updates(self, h: dict[str, np.ndarray], updates: list[TableUpdate]) -> int:
