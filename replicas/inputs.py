@@ -48,7 +48,9 @@ def _embeds_tensor(value, hidden: int, dtype: torch.dtype) -> torch.Tensor:
         raise ValueError(f"prompt_embeds has shape {tuple(value.shape)}; {expected}")
     if value.shape[0] == 0:
         raise ValueError(f"prompt_embeds is empty (0 rows); {expected} with seq_len >= 1")
-    return value.detach().to(device="cpu", dtype=dtype).clone().contiguous()
+    # Read in place when it already is a contiguous CPU tensor of the model dtype (no per-prompt copy):
+    # the caller must not change it while its request runs.
+    return value.detach().to(device="cpu", dtype=dtype).contiguous()
 
 
 def process_prompt(prompt, tokenizer, model_cfg: ModelConfig, dtype: torch.dtype,

@@ -56,9 +56,9 @@ class Sequence:
     embeds_block_digests: list[list[bytes]] = field(default_factory=list)  # per block: rows_digest of each embeds run
     pending_sample_index: int = -1  # row of the in-flight step's samples holding this sequence's PENDING_TOKEN
 
-    @property
-    def num_embeds(self) -> int:
-        return 0 if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+    def __post_init__(self) -> None:
+        # A plain int: the runner asks every step, and a tensor's shape costs more than an attribute.
+        self.num_embeds = 0 if self.prompt_embeds is None else self.prompt_embeds.shape[0]
 
     def embeds_spans(self, start: int, end: int):
         """(first position, rows) of the supplied embedding rows among positions [start, end)."""

@@ -115,7 +115,7 @@ class StepInputBuilder:
                 h["pos"][t:t + n] = positions
                 blocks = np.asarray(table[start // bs:(end - 1) // bs + 1], dtype=np.int64)
                 h["slots"][t:t + n] = blocks[positions // bs - start // bs] * bs + positions % bs
-            for first, rows in seq.embeds_spans(start, end):
+            for first, rows in (seq.embeds_spans(start, end) if start < seq.num_embeds else ()):
                 h["embeds_index"][num_embeds:num_embeds + rows.shape[0]] = np.arange(rows.shape[0]) + (t + first - start)
                 num_embeds += rows.shape[0]
                 embeds.append(rows)
