@@ -462,7 +462,7 @@ async def replica_gauge(session: aiohttp.ClientSession, base: str, name: str) ->
 class Timeline:
     t0: float = field(default_factory=time.monotonic)
     events: list[dict] = field(default_factory=list)
-    memory: list[tuple[float, float]] = field(default_factory=list)
+    memory: list[dict] = field(default_factory=list)  # {t_s, rss_mb, by_role}
 
     def now(self) -> float:
         return round(time.monotonic() - self.t0, 1)
@@ -501,7 +501,8 @@ async def disrupt(server: SoakServer, session, base: str, tl: Timeline, kill_at:
 
 async def sample_memory(server: SoakServer, tl: Timeline, every_s: float) -> None:
     while True:
-        tl.memory.append((tl.now(), round(sum((await asyncio.to_thread(server.memory)).values()), 1)))
+        by_role = await asyncio.to_thread(server.memory)
+        tl.memory.append({"t_s": tl.now(), "rss_mb": round(sum(by_role.values()), 1), "by_role": by_role})
         await asyncio.sleep(every_s)
 
 
@@ -580,10 +581,11 @@ def print_table(rows: dict[str, dict]) -> None:
         print(f"{kind:<16}{r['sent']:>7}{r['completed']:>11}{r['cancelled']:>11}{r['clean_error']:>11}{r['lost']:>7}")
 
 
-def print_memory(start: dict[str, float], end: dict[str, float]) -> None:
-    print(f"  {'process':<44}{'start MB':>10}{'end MB':>10}")
+def print_memory(start: dict[str, float], mid: dict[str, float], end: dict[str, float]) -> None:
+    """RSS by process at the start, half way and at the end (leaks grow; warm-ups level off)."""
+    print(f"  {'process':<40}{'start MB':>10}{'half way':>10}{'end MB':>10}")
     for name in sorted(set(start) | set(end)):
-        print(f"  {name:<44}{start.get(name, 0):>10.0f}{end.get(name, 0):>10.0f}")
+        print(f"  {name:<40}{start.get(name, 0):>10.0f}{mid.get(name, 0):>10.0f}{end.get(name, 0):>10.0f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -621,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     print(f"server RSS: {start_mb:.0f} MB at start, {end_mb:.0f} MB at end ({growth:+.1%}); "
           f"replicas idle at the end: {run['idle']}")
-    print_memory(run["start"], run["end"])
+    mid = run["timeline"].memory[len(run["timeline"].memory) // 2]["by_role"]
+    print_memory(run["start"], mid, run["end"])
     lost_samples = [asdict(o) for o in run["outcomes"] if o.result == "lost"][:30]
     for o in lost_samples[:10]:
         print(f"  lost {o['kind']}: {o['detail']}")
