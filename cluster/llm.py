@@ -50,14 +50,13 @@ class LLM:
         # Validate everything before queueing anything, so a bad prompt leaves the engine untouched.
         prepared = [self.engine.prepare(prompt, params) for prompt, params in zip(prompts, params_list)]
         order: dict[str, int] = {}
-        for i, (prompt, params) in enumerate(zip(prepared, params_list)):
-            request_id = f"offline-{next(self._ids)}"
-            order[request_id] = i
-            self.engine.add_request(request_id, prompt, params, final_only=True)
-
         results: list[RequestOutput | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc="Processed prompts", disable=not use_tqdm)
-        try:
+        try:  # from the first add on: whatever fails aborts what this call queued
+            for i, (prompt, params) in enumerate(zip(prepared, params_list)):
+                request_id = f"offline-{next(self._ids)}"
+                self.engine.add_request(request_id, prompt, params, final_only=True)
+                order[request_id] = i
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if out.finished and out.request_id in order:

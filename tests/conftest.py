@@ -1,6 +1,45 @@
-"""Shared pytest set-up: GPU tests skip cleanly without CUDA."""
+"""Shared pytest set-up: GPU tests skip cleanly without CUDA; every in-process engine a test
+built has its KV accounting checked after each test."""
+import functools
+import weakref
+
 import pytest
 import torch
+
+from tests.engine_support import check_engine_kv
+
+_ENGINES: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def pytest_configure(config):
+    """Record every LLMEngine built in this process (a weak set: nothing is kept alive)."""
+    try:
+        from replicas.engine import LLMEngine
+    except Exception:  # noqa: BLE001 - a broken engine module fails the engine tests, not collection
+        return
+    if getattr(LLMEngine.__init__, "_records_engines", False):
+        return
+    build = LLMEngine.__init__
+
+    @functools.wraps(build)
+    def init(self, *args, **kwargs):
+        build(self, *args, **kwargs)
+        _ENGINES.add(self)
+
+    init._records_engines = True
+    LLMEngine.__init__ = init
+
+
+@pytest.fixture(autouse=True)
+def kv_accounting_checked():
+    """After each test: free + in use + cached-free blocks == total, ref counts == holders."""
+    yield
+    for engine in list(_ENGINES):
+        try:
+            check_engine_kv(engine)
+        except AssertionError:
+            _ENGINES.discard(engine)  # report it once, not again after every later test
+            raise
 
 
 def pytest_collection_modifyitems(config, items):

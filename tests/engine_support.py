@@ -1,7 +1,9 @@
-"""Helpers the engine tests share: chat prompts, transformers references, tiny random models."""
+"""Helpers the engine tests share: chat prompts, transformers references, tiny random models,
+the KV accounting check run after every test."""
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -57,3 +59,33 @@ def make_tiny_model(folder, model_type: str, tokenizer, seed: int = 0, **overrid
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return model
+
+
+def _snapshot(engine):
+    """The engine's live sequences and how far each got (retried if its loop thread is mid-change)."""
+    for _ in range(100):
+        try:
+            seqs = [*engine.scheduler.running, *engine.scheduler.waiting]
+            return seqs, [(s.seq_id, s.num_computed_tokens, s.num_tokens, len(s.block_table)) for s in seqs]
+        except RuntimeError:  # deque mutated during iteration
+            time.sleep(0.01)
+    raise AssertionError("could not read the engine's scheduler queues")
+
+
+def check_engine_kv(engine, timeout_s: float = 60.0, stall_s: float = 1.0) -> None:
+    """Check an engine's KV accounting (kv.check_integrity) once it is idle, or once it has made no
+    progress for stall_s (a dead or abandoned loop: its live sequences are checked as they stand).
+    Raises AssertionError if it is still busy after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    seqs, last = _snapshot(engine)
+    still_since = time.monotonic()
+    while seqs:
+        time.sleep(0.02)
+        seqs, now = _snapshot(engine)
+        if now != last:
+            last, still_since = now, time.monotonic()
+        elif time.monotonic() - still_since >= stall_s:
+            break
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine still busy after {timeout_s} s: {len(seqs)} live sequences")
+    engine.kv.check_integrity(seqs)

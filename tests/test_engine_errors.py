@@ -47,10 +47,22 @@ def test_bad_token_ids_and_empty_prompt(embedded_llm):
         embedded_llm.generate("", P, use_tqdm=False)
 
 
-def test_bad_prompt_in_batch_queues_nothing(embedded_llm):
-    with pytest.raises(ValueError):
-        embedded_llm.generate(["fine", {"prompt_embeds": torch.zeros(3, 7)}], P, use_tqdm=False)
-    assert not embedded_llm.engine.has_unfinished_requests()
+def test_bad_prompt_or_params_in_batch_queue_nothing_and_use_no_request_id(embedded_llm):
+    before = embedded_llm.generate("first", P, use_tqdm=False)[0].request_id
+    for prompts, params in [
+        (["fine", {"prompt_embeds": torch.zeros(3, 7)}], P),
+        (["fine", "also fine"], [P, "not SamplingParams"]),
+        (["fine", "also fine"], [P, {"max_tokens": 4}]),
+        (["fine", "also fine"], [P, SamplingParams(max_tokens=10 ** 6)]),  # past max_model_len
+        (["fine", "also fine"], [P]),  # one params for two prompts
+    ]:
+        with pytest.raises(ValueError):
+            embedded_llm.generate(prompts, params, use_tqdm=False)
+        assert not embedded_llm.engine.has_unfinished_requests()
+        load = embedded_llm.engine.get_load()
+        assert load.num_free_blocks == load.num_total_blocks
+    after = embedded_llm.generate("next", P, use_tqdm=False)[0].request_id
+    assert int(after.rsplit("-", 1)[1]) == int(before.rsplit("-", 1)[1]) + 1  # no id taken by a failed call
 
 
 def test_embeds_refused_when_disabled(tmp_path, embedded_llm):

@@ -92,10 +92,27 @@ def test_multibyte_characters_are_never_split(embedded_llm):
 @pytest.mark.parametrize("bad", [dict(n=0), dict(temperature=-1), dict(top_p=0), dict(max_tokens=0),
                                  dict(logprobs=50), dict(min_tokens=5, max_tokens=2),
                                  dict(temperature=float("nan")), dict(top_p=float("nan")),
-                                 dict(repetition_penalty=float("inf"))])
+                                 dict(repetition_penalty=float("inf")),
+                                 # what torch would refuse (or turn into inf) only mid-step
+                                 dict(seed=2 ** 64), dict(seed=-(2 ** 63) - 1), dict(seed=2 ** 64 - 1, n=2),
+                                 dict(seed=1.5), dict(seed="7"), dict(top_k=2 ** 63), dict(top_k=-2),
+                                 dict(top_k=2.0), dict(logprobs=2.5), dict(max_tokens=3.0), dict(n=True),
+                                 dict(stop=[1]), dict(stop_token_ids=[-1]), dict(stop_token_ids=["a"]),
+                                 dict(stop_token_ids=5), dict(repetition_penalty=1e39), dict(temperature="1")])
 def test_invalid_sampling_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_sampling_params_edges_torch_takes():
+    import numpy as np
+
+    assert SamplingParams(seed=2 ** 64 - 1).seed == 2 ** 64 - 1 and SamplingParams(seed=-(2 ** 63)).seed == -(2 ** 63)
+    p = SamplingParams(seed=np.int64(3), n=np.int32(2), temperature=np.float32(0.5), stop_token_ids=(np.int64(4),))
+    assert (p.seed, p.n, p.stop_token_ids) == (3, 2, [4]) and type(p.seed) is int and type(p.temperature) is float
+    assert SamplingParams(top_k=-1).top_k == 0 and SamplingParams(top_k=None).top_k == 0
+    with pytest.raises(ValueError, match=r"\.\.\.$"):  # a client's long value is quoted short
+        SamplingParams(stop_token_ids=["x" * 10_000])
 
 
 def test_prompt_logprobs_match_transformers_across_prefill_chunks(embedded_llm, hf_embedded):
