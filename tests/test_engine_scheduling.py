@@ -63,23 +63,36 @@ def test_abort_returns_blocks(embedded_llm):
     outs = []
     for _ in range(3):
         outs += engine.step()
+    assert outs and not any(o.finished for o in outs)  # running, far from its 200 tokens
     assert engine.get_load().num_free_blocks < engine.get_load().num_total_blocks
     engine.abort_request("to-abort")
-    final = engine.step()
-    assert [o.outputs[0].finish_reason for o in final if o.request_id == "to-abort"] == ["abort"]
+    final = [o for o in engine.step() if o.request_id == "to-abort"]
+    assert [(o.finished, o.outputs[0].finish_reason) for o in final] == [(True, "abort")]
+    assert final[0].outputs[0].token_ids == outs[-1].outputs[0].token_ids  # stopped where it was
     assert not engine.has_unfinished_requests()
     assert engine.get_load().num_free_blocks == engine.get_load().num_total_blocks
 
 
-def test_streamed_text_only_grows(embedded_llm):
+def test_streamed_text_only_grows_and_the_stop_string_fires(embedded_llm):
+    prompt = "List three fruits:"
+    base = embedded_llm.generate(prompt, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+                                 use_tqdm=False)[0].outputs[0].text
+    stop = base[len(base) // 2:len(base) // 2 + 3]  # from the middle: text before it must be held back
+    assert len(stop) == 3
     engine = embedded_llm.engine
-    engine.add_request("grow", "List three fruits:", SamplingParams(max_tokens=30, temperature=0.0, stop=["\n\n"]))
-    texts = []
-    while engine.has_unfinished_requests():
-        texts += [o.outputs[0].text for o in engine.step() if o.request_id == "grow"]
+    engine.add_request("grow", prompt, SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True, stop=[stop]))
+    outs = []
+    for _ in range(40):  # a deadline: 30 tokens take 30 steps
+        if not engine.has_unfinished_requests():
+            break
+        outs += [o for o in engine.step() if o.request_id == "grow"]
+    texts = [o.outputs[0].text for o in outs]
     for a, b in zip(texts, texts[1:]):
         assert b.startswith(a)
-    assert "\n\n" not in texts[-1]
+    final = outs[-1].outputs[0]
+    assert outs[-1].finished and final.finish_reason == "stop" and final.stop_reason == stop
+    assert final.text == base[:base.index(stop)]
+    assert len(final.token_ids) < 30
 
 
 def test_input_embeddings_helper_matches_layer(embedded_llm):
