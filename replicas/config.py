@@ -1,7 +1,8 @@
 """Engine and model configuration: what the engine was asked for, resolved against the model."""
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -35,6 +36,8 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads on the CPU
     attention_backend: str | None = None  # None: "triton" on CUDA, "torch" (the reference) elsewhere
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    # Debug: check the KV accounting (kv.check_integrity) whenever the engine goes idle; fails loudly.
+    check_kv_integrity: bool = field(default_factory=lambda: os.environ.get("RAYLM_CHECK_KV") == "1")
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "EngineConfig":

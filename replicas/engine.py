@@ -179,6 +179,8 @@ class LLMEngine:
         for r in changed.values():
             if r.finished:
                 self._forget(r.request_id)
+        if self.cfg.check_kv_integrity and self._inflight is None and not self.scheduler.has_work():
+            self.kv.check_integrity()  # idle: every block is free or cached, no reference left
         return outputs
 
     def _needs_token_history(self) -> bool:
