@@ -78,6 +78,7 @@ class ModelConfig:
     rms_norm_eps: float
     tie_word_embeddings: bool
     qkv_bias: bool
+    qk_norm: bool  # Qwen3: RMSNorm over each head's queries and keys before rope
     max_position_embeddings: int
     max_model_len: int
     bos_token_id: int | None
@@ -88,17 +89,22 @@ class ModelConfig:
     def from_hf(cls, hf_config, name: str, max_model_len: int | None) -> "ModelConfig":
         c = hf_config
         model_type = getattr(c, "model_type", "llama")
-        if model_type not in ("llama", "mistral", "qwen2"):
-            raise ValueError(f"unsupported model_type {model_type!r}: raylm runs llama, mistral and qwen2")
+        if model_type not in ("llama", "mistral", "qwen2", "qwen3"):
+            raise ValueError(f"unsupported model_type {model_type!r}: raylm runs llama, mistral, qwen2 and qwen3")
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         eos = c.eos_token_id
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         max_pos = getattr(c, "max_position_embeddings", 4096)
+        # Sliding-window attention equals full attention while a sequence fits the window, so the
+        # window caps the length (the kernels attend to every earlier position).
+        window = _sliding_window(c, model_type)
+        limit = min(max_pos, window) if window else max_pos
         if max_model_len is None:
-            max_model_len = max_pos
-        elif max_model_len > max_pos:
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {max_pos}")
+            max_model_len = limit
+        elif max_model_len > limit:
+            what = f"sliding window {window}" if window and window < max_pos else f"max_position_embeddings {max_pos}"
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's {what}")
         return cls(
             name=name,
             hidden_size=c.hidden_size,
@@ -111,9 +117,18 @@ class ModelConfig:
             rms_norm_eps=c.rms_norm_eps,
             tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or bool(getattr(c, "attention_bias", False)),
+            qk_norm=model_type == "qwen3",
             max_position_embeddings=max_pos,
             max_model_len=max_model_len,
             bos_token_id=getattr(c, "bos_token_id", None),
             eos_token_ids=eos_ids,
             hf_config=c,
         )
+
+
+def _sliding_window(c, model_type: str) -> int | None:
+    """The attention window a config asks for (Mistral: sliding_window; Qwen2/3: when use_sliding_window)."""
+    window = getattr(c, "sliding_window", None)
+    if not window or (model_type in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False)):
+        return None
+    return int(window)

@@ -81,11 +81,16 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.scale = cfg.head_dim ** -0.5
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
         qk, v = linear(x, self.qkv_proj).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk = qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
         # Queries and keys rotate together: one pass over [T, H + Hkv, D].
-        qk = apply_rope(qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim), cos, sin)
+        qk = apply_rope(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale)
@@ -178,8 +183,11 @@ class LlamaForCausalLM(nn.Module):
                     put(f"{p}self_attn.qkv_proj.{kind}", torch.cat(parts, 0))
             put(f"{p}mlp.gate_up_proj.weight",
                 torch.cat([state[f"{p}mlp.gate_proj.weight"], state[f"{p}mlp.up_proj.weight"]], 0))
-            for name in ("self_attn.o_proj.weight", "mlp.down_proj.weight",
-                         "input_layernorm.weight", "post_attention_layernorm.weight"):
+            names = ["self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                     "post_attention_layernorm.weight"]
+            if self.cfg.qk_norm:
+                names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+            for name in names:
                 put(p + name, state[p + name])
         put("embed_tokens.weight", state["embed_tokens.weight"])
         put("norm.weight", state["norm.weight"])
@@ -194,7 +202,7 @@ class LlamaForCausalLM(nn.Module):
             for name, param in self.named_parameters():
                 gen = torch.Generator(device=param.device).manual_seed(seed)
                 seed += 1
-                if name.endswith("layernorm.weight") or name == "norm.weight":
+                if name.endswith("norm.weight"):
                     param.fill_(1.0)
                 elif name.endswith("bias"):
                     param.zero_()
