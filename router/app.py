@@ -58,6 +58,13 @@ class PromptJob:
     pending: list[GenerateChunk] = field(default_factory=list)
 
 
+def _too_long(what: str, n: int, max_tokens: int | None, max_model_len: int) -> str:
+    if max_tokens is None:
+        return f"{what} has {n} tokens, leaving no room to generate within max_model_len ({max_model_len})"
+    return (f"{what} has {n} tokens and max_tokens is {max_tokens}: together more than max_model_len "
+            f"({max_model_len})")
+
+
 def _sse_event(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -147,8 +154,11 @@ class Router:
         return body
 
     # -- turning a request into prompt jobs ---------------------------------------------------
-    def _decode_embeds(self, entries: list, info: ModelInfo) -> list[tuple[list[str], ray.ObjectRef]]:
-        """(prefix keys, object-store ref) of each embeds entry; runs in a worker thread."""
+    def _decode_embeds(self, entries: list, info: ModelInfo,
+                       max_tokens: int | None) -> list[tuple[list[str], ray.ObjectRef]]:
+        """(prefix keys, object-store ref) of each embeds entry; runs in a worker thread, and puts
+        nothing in the object store unless every entry is good."""
+        longest = info.max_model_len - (max_tokens or 1)
         cap = self.max_embeds_bytes or info.max_model_len * info.hidden_size * 4
         arrays = []
         for i, e in enumerate(entries):
@@ -156,9 +166,9 @@ class Router:
                 arr = decode_embeds_entry(e, hidden_size=info.hidden_size, max_bytes=cap)
             except EmbedsError as err:
                 raise APIError(f"prompt_embeds[{i}]: {err.message}", err.status, param="prompt_embeds") from None
-            if arr.shape[0] > info.max_model_len:
-                raise APIError(f"prompt_embeds[{i}] has {arr.shape[0]} rows, more than max_model_len "
-                               f"({info.max_model_len})", 400, param="prompt_embeds")
+            if arr.shape[0] > longest:
+                raise APIError(_too_long(f"prompt_embeds[{i}]", arr.shape[0], max_tokens, info.max_model_len),
+                               400, param="prompt_embeds")
             arrays.append(arr)
         return [(prefix_keys(None, arr), ray.put(arr)) for arr in arrays]
 
@@ -190,7 +200,13 @@ class Router:
                 raise bad_request(f"prompt[{i}] is empty", "prompt")
             if not isinstance(t, str) and not all(0 <= x < info.vocab_size for x in t):
                 raise bad_request(f"prompt[{i}] has token ids outside [0, {info.vocab_size})", "prompt")
-        decoded = await asyncio.to_thread(self._decode_embeds, embeds, info) if embeds else []
+        # Lengths the replica would refuse are refused before any prompt is sent (text prompts are
+        # tokenized only there: a refusal then aborts the request's other prompts).
+        longest = info.max_model_len - (params.max_tokens or 1)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) and len(t) > longest:
+                raise bad_request(_too_long(f"prompt[{i}]", len(t), params.max_tokens, info.max_model_len), "prompt")
+        decoded = await asyncio.to_thread(self._decode_embeds, embeds, info, params.max_tokens) if embeds else []
 
         jobs, n = [], params.n
         prompts = [(None, keys, ref) for keys, ref in decoded] + [(t, prefix_keys(t), None) for t in texts]

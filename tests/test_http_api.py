@@ -62,10 +62,8 @@ def guarded(server):
          "max_body_mb": 1})
     base = f"{server.base}/guarded"
     deadline = time.time() + 180
-    while time.time() < deadline:
-        r = requests.get(f"{base}/health", timeout=10)
-        if r.status_code == 200:
-            break
+    while requests.get(f"{base}/health", timeout=10).status_code != 200:
+        assert time.time() < deadline, "the guarded app did not become healthy in 180 s"
         time.sleep(0.5)
     return base
 
@@ -119,7 +117,7 @@ def assert_error_body(body: dict, status_type: str | None = None) -> dict:
 
 
 def replica_load(server) -> dict:
-    return server.replica.get_load.remote().result()
+    return server.replica.get_load.remote().result(timeout_s=60)
 
 
 def wait_idle(server, timeout_s: float = 60) -> dict:
@@ -384,7 +382,7 @@ def test_echo_with_logprobs_scores_the_prompt_tokens(oa):
 def test_embeds_reach_the_replica_as_numpy_from_the_object_store(server, oa, hf):
     ids = chat_ids(hf.tok, CHATS[1])
     c = greedy(oa, prompt="", max_tokens=3, extra_body={"prompt_embeds": b64_embeds(embeds_of(hf, ids))})
-    seen = dict(server.replica.embeds_types_seen.remote().result())
+    seen = dict(server.replica.embeds_types_seen.remote().result(timeout_s=60))
     assert seen[f"{c.id}-0"] == "numpy.ndarray"
     assert not any(t.startswith(("builtins.bytes", "builtins.str")) for t in seen.values())
 
@@ -469,6 +467,12 @@ BAD_BODIES = [
     (b'{"prompt": "x", "temperature": NaN}', "application/json"),
     (b'{"prompt": "x", "top_p": Infinity}', "application/json"),
     (json.dumps({"prompt": "x", "seed": 2 ** 64}).encode(), "application/json"),
+    (json.dumps({"prompt": "x", "seed": -(2 ** 63) - 1}).encode(), "application/json"),
+    (json.dumps({"prompt": "x", "top_k": -5}).encode(), "application/json"),
+    (json.dumps({"prompt": "x", "top_k": 2 ** 70}).encode(), "application/json"),
+    (json.dumps({"prompt": "x", "stop_token_ids": [-1]}).encode(), "application/json"),
+    (json.dumps({"prompt": "x", "stop_token_ids": [2 ** 70]}).encode(), "application/json"),
+    (json.dumps({"prompt": "x", "logprobs": 2.5}).encode(), "application/json"),
     (json.dumps({"prompt": "x", "n": 100000}).encode(), "application/json"),
     (b"\xc1\xc1\xc1", "application/msgpack"),
     (msgpack.packb({"prompt": "x", "repetition_penalty": float("nan")}), "application/msgpack"),
@@ -486,6 +490,20 @@ def test_bad_payloads_get_4xx_openai_errors_and_leave_the_replica_clean(server):
         assert_error_body(r.json())
     assert requests.get(f"{server.base}/health", timeout=30).status_code == 200
     wait_idle(server)
+
+
+def test_one_bad_prompt_refuses_the_request_before_any_prompt_is_sent(server):
+    """Atomic validation: the router checks every prompt's length before dispatching any."""
+    before = replica_load(server)["num_aborted"]
+    for body in ({"prompt": [[1, 2, 3], [5] * 2040], "max_tokens": 16},
+                 {"prompt": [[7, 8, 9], [5] * 2048], "max_tokens": None},
+                 {"prompt": "Write a long story.", "prompt_embeds": b64_embeds(torch.zeros(2040, 576)),
+                  "max_tokens": 16}):
+        r = requests.post(f"{server.base}/v1/completions", json={"model": MODEL, **body}, timeout=60)
+        assert r.status_code == 400, r.text
+        assert "max_model_len" in assert_error_body(r.json())["message"]
+    load = wait_idle(server)
+    assert load["num_aborted"] == before  # nothing was started and then aborted
 
 
 def test_metrics_endpoint(server, oa):
@@ -516,8 +534,11 @@ def test_metrics_endpoint(server, oa):
 def test_echo_stop_and_seed(oa):
     c = greedy(oa, prompt="Count: 1, 2, 3,", max_tokens=8, echo=True)
     assert c.choices[0].text.startswith("Count: 1, 2, 3,")
-    s = greedy(oa, prompt="Count: 1, 2, 3,", max_tokens=12, stop=[","])
-    assert "," not in s.choices[0].text and s.choices[0].finish_reason == "stop"
+    base = greedy(oa, prompt="Count: 1, 2, 3,", max_tokens=12).choices[0].text
+    assert "," in base
+    s = greedy(oa, prompt="Count: 1, 2, 3,", max_tokens=12, stop=[","]).choices[0]
+    assert s.finish_reason == "stop" and getattr(s, "stop_reason", None) == ","  # the stop fired, not EOS
+    assert s.text == base[:base.index(",")]
     kw = dict(model=MODEL, prompt="A random word:", max_tokens=6, temperature=1.0, seed=1234)
     assert oa.completions.create(**kw).choices[0].text == oa.completions.create(**kw).choices[0].text
 
