@@ -90,7 +90,7 @@ class LLMEngine:
             raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
         processed = process_prompt(prompt, self.tokenizer, self.model_config, self.dtype,
                                    self.cfg.enable_prompt_embeds)
-        if params.prompt_logprobs is not None and processed.prompt_embeds is not None:
+        if params.prompt_logprobs is not None and processed.has_embeds:
             raise ValueError("prompt_logprobs is not available for prompt_embeds (there are no prompt token ids)")
         n, limit = processed.num_tokens, self.model_config.max_model_len
         max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
@@ -127,10 +127,10 @@ class LLMEngine:
         for i in range(params.n):
             generator = None if params.seed is None else \
                 torch.Generator(device=self.device).manual_seed(params.seed + i)
-            context = p.prompt_token_ids or []
+            context = p.context_token_ids
             seqs.append(Sequence(
                 request_id=request_id, index=i, params=params, token_ids=p.sequence_token_ids,
-                num_prompt_tokens=p.num_tokens, prompt_embeds=p.prompt_embeds,
+                num_prompt_tokens=p.num_tokens, prompt_embeds=p.prompt_embeds, embeds_segments=p.embeds_segments,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, context, params.skip_special_tokens),
                 generator=generator, max_tokens=max_tokens, eager_text=bool(params.stop_list) or not final_only,
                 prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None))

@@ -135,7 +135,7 @@ class Sampler:
             return logits
         logits = logits.clone()
         if repetition:
-            seen = self._counts(logits.shape[1], [seqs[i].token_ids[seqs[i].num_embeds:] for i in repetition]) > 0
+            seen = self._counts(logits.shape[1], [self._penalised_ids(seqs[i]) for i in repetition]) > 0
             rows = logits[repetition]
             penalty = self._column([seqs[i].params.repetition_penalty for i in repetition])
             penalized = torch.where(rows > 0, rows / penalty, rows * penalty)
@@ -149,6 +149,13 @@ class Sampler:
             rows, ids = zip(*blocked)
             logits[self._to_device(rows, torch.long), self._to_device(ids, torch.long)] = float("-inf")
         return logits
+
+    @staticmethod
+    def _penalised_ids(seq: Sequence) -> list[int]:
+        """Every token id of the sequence but the placeholders at embeds positions."""
+        if not seq.embeds_segments:
+            return seq.token_ids
+        return [t for i, t in enumerate(seq.token_ids) if i >= seq.num_embeds or not seq.is_embeds_position(i)]
 
     def _stop_ids(self, seq: Sequence, vocab: int) -> list[int]:
         stops = list(seq.params.stop_token_ids) + ([] if seq.params.ignore_eos else self.eos_token_ids)

@@ -25,8 +25,8 @@ class SequenceStatus(enum.Enum):
 
 @dataclass
 class Sequence:
-    """One generated continuation. Positions < num_embeds take rows of `prompt_embeds`; the rest
-    take `token_ids` (which hold a placeholder id at embeds positions)."""
+    """One generated continuation. Embeds positions (`embeds_segments`, or the whole `prompt_embeds`)
+    take supplied rows; the rest take `token_ids` (which hold a placeholder id at embeds positions)."""
 
     request_id: str
     index: int
@@ -36,6 +36,7 @@ class Sequence:
     prompt_embeds: torch.Tensor | None
     detokenizer: IncrementalDetokenizer
     generator: torch.Generator | None = None
+    embeds_segments: list[tuple[int, torch.Tensor]] | None = None  # (first position, rows); None: prompt_embeds at 0
     max_tokens: int = 16
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
@@ -57,14 +58,20 @@ class Sequence:
     pending_sample_index: int = -1  # row of the in-flight step's samples holding this sequence's PENDING_TOKEN
 
     def __post_init__(self) -> None:
-        # A plain int: the runner asks every step, and a tensor's shape costs more than an attribute.
-        self.num_embeds = 0 if self.prompt_embeds is None else self.prompt_embeds.shape[0]
+        if self.embeds_segments is None:
+            self.embeds_segments = [] if self.prompt_embeds is None else [(0, self.prompt_embeds)]
+        # A plain int (the runner asks every step): positions at or past it are never embeds.
+        self.num_embeds = max((start + rows.shape[0] for start, rows in self.embeds_segments), default=0)
+
+    def is_embeds_position(self, position: int) -> bool:
+        return any(start <= position < start + rows.shape[0] for start, rows in self.embeds_segments)
 
     def embeds_spans(self, start: int, end: int):
         """(first position, rows) of the supplied embedding rows among positions [start, end)."""
-        stop = min(end, self.num_embeds)
-        if start < stop:
-            yield start, self.prompt_embeds[start:stop]
+        for first, rows in self.embeds_segments:
+            lo, hi = max(start, first), min(end, first + rows.shape[0])
+            if lo < hi:
+                yield lo, rows[lo - first:hi - first]
 
     @property
     def num_tokens(self) -> int:
