@@ -8,7 +8,8 @@ import torch
 
 from tests.engine_support import check_engine_kv
 
-_ENGINES: "weakref.WeakSet" = weakref.WeakSet()
+_ENGINES: "weakref.WeakSet" = weakref.WeakSet()  # every engine still alive
+_BUILT_IN_TEST: list = []  # engines the running test built: kept until its check, even if it dropped them
 
 
 def pytest_configure(config):
@@ -25,6 +26,7 @@ def pytest_configure(config):
     def init(self, *args, **kwargs):
         build(self, *args, **kwargs)
         _ENGINES.add(self)
+        _BUILT_IN_TEST.append(self)
 
     init._records_engines = True
     LLMEngine.__init__ = init
@@ -34,7 +36,9 @@ def pytest_configure(config):
 def kv_accounting_checked():
     """After each test: free + in use + cached-free blocks == total, ref counts == holders."""
     yield
-    for engine in list(_ENGINES):
+    engines = list({id(e): e for e in [*_BUILT_IN_TEST, *_ENGINES]}.values())
+    _BUILT_IN_TEST.clear()
+    for engine in engines:
         try:
             check_engine_kv(engine)
         except AssertionError:

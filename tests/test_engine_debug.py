@@ -12,3 +12,4 @@ def test_idle_integrity_check_passes_then_catches_a_leak():
     llm.engine.kv.pool.blocks[0].ref_cnt += 1  # a reference nobody holds: what a leak looks like
     with pytest.raises(AssertionError, match="ref count"):
         llm.generate(["Hi"], SamplingParams(max_tokens=2), use_tqdm=False)
+    llm.engine.kv.pool.blocks[0].ref_cnt -= 1  # undo it: every test's engines are checked afterwards
