@@ -114,11 +114,11 @@ class LLMEngine:
         text is decoded then unless stop strings need it every step."""
         prepared = prompt if isinstance(prompt, PreparedPrompt) and prompt.params is params \
             else self.prepare(prompt, params)
-        with self._ids_lock:
+        request = self._make_request(request_id, prepared.prompt, params, prepared.max_tokens, final_only)
+        with self._ids_lock:  # taken only once the request is built, so a failure leaks no id
             if request_id in self._pending_ids:
                 raise ValueError(f"request id {request_id!r} is already running")
             self._pending_ids.add(request_id)
-        request = self._make_request(request_id, prepared.prompt, params, prepared.max_tokens, final_only)
         self._inbox.put(_Add(request))
 
     def _make_request(self, request_id: str, p: ProcessedPrompt, params: SamplingParams,

@@ -43,7 +43,7 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)  # chained hashes of full blocks, computed lazily
+    block_hashes: list[bytes] = field(default_factory=list)  # chained keys of full blocks, computed lazily
     num_registered_blocks: int = 0  # leading blocks already offered to the prefix cache
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)
     cumulative_logprob: float = 0.0
