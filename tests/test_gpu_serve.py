@@ -35,7 +35,7 @@ def gpu_app():
 
 def test_replica_runs_on_cuda_in_bfloat16(gpu_app):
     _, handle = gpu_app
-    info = handle.model_info.remote().result()
+    info = handle.model_info.remote().result(timeout_s=60)
     assert info.device.startswith("cuda") and info.dtype == "torch.bfloat16"
 
 

@@ -132,15 +132,17 @@ def test_requests_are_served_by_both_replicas(cluster):
     assert all(v >= 1 for v in counts.values()), counts
 
 
-def settled_counts(base: str) -> dict[str, float]:
+def settled_counts(base: str, deadline_s: float = 60.0) -> dict[str, float]:
     """Per-replica request counts once two reads a second apart agree (stats lag their polls)."""
     last = None
-    while True:
+    give_up = time.monotonic() + deadline_s
+    while time.monotonic() < give_up:
         now = metric(base, "raylm_replica_requests_total")
         if now == last:
             return now
         last = now
         time.sleep(1.0)
+    raise AssertionError(f"replica request counts did not settle within {deadline_s:.0f} s: {last}")
 
 
 def test_shared_prefix_prefers_the_replica_that_served_it(cluster):
