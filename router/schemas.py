@@ -9,7 +9,9 @@ from replicas.sampling_params import SamplingParams
 
 MAX_N = 128  # completions per prompt, as OpenAI caps it
 
-TokenIds = list[StrictInt]
+# fail_fast: a list stops at its first bad item, so a huge wrong-typed list costs one error, not millions.
+TokenIds = Annotated[list[StrictInt], Field(fail_fast=True)]
+Texts = Annotated[list[StrictStr], Field(fail_fast=True)]
 # base64 of torch.save bytes (JSON); in msgpack also raw torch.save bytes or {"dtype","shape","data"}
 EmbedsEntry = Union[StrictStr, StrictBytes, dict[str, Any]]
 
@@ -25,7 +27,7 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
     model: StrictStr | None = None
-    prompt: StrictStr | list[StrictStr] | TokenIds | list[TokenIds] | None = None
+    prompt: StrictStr | Texts | TokenIds | Annotated[list[TokenIds], Field(fail_fast=True)] | None = None
     prompt_embeds: EmbedsEntry | list[EmbedsEntry] | None = None
     suffix: StrictStr | None = None
     max_tokens: StrictInt | None = 16
