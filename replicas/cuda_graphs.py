@@ -37,10 +37,6 @@ class DecodeGraphs:
         self.steps: dict[int, CapturedStep] = {}
         self.pool = None
 
-    @property
-    def max_batch(self) -> int:
-        return self.sizes[-1]
-
     def size_for(self, batch: int) -> int | None:
         i = bisect.bisect_left(self.sizes, batch)
         return self.sizes[i] if i < len(self.sizes) else None

@@ -213,9 +213,6 @@ class ModelRunner:
         samples = [] if step.host is None else self.sampler.results(step.host.tolist(), step.sampling, step.k)
         return StepResult(samples, step.prompt_logprobs)
 
-    def execute(self, out: SchedulerOutput) -> StepResult:
-        return self.collect(self.launch(out))
-
     def _prompt_logprobs(self, hidden: torch.Tensor, p: PromptLogprobRows) -> list[list[tuple[int, float, int]]]:
         k = p.seq.params.prompt_logprobs
         entries = []

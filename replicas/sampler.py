@@ -97,10 +97,6 @@ class Sampler:
         """rows: the launch's packed columns, on the host."""
         return [self._result(row, seq, k) for row, seq in zip(rows, seqs)]
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
-        launched = self.launch(logits, seqs)
-        return self.results(launched.packed.cpu().tolist(), seqs, launched.k)
-
     @staticmethod
     def _result(row: list[float], seq: Sequence, k: int | None) -> SampleResult:
         token, logprob = int(row[0]), row[1]

@@ -38,7 +38,6 @@ class StepBatch:
     embeds_index: torch.Tensor | None  # [E] flat rows that take a supplied embedding
     embeds_rows: torch.Tensor | None  # [E, hidden] on the device
     prompt_logprob_rows: list[PromptLogprobRows]
-    decode_only: bool  # one query row per sequence
 
 
 class _Regions:
@@ -158,7 +157,7 @@ class StepInputBuilder:
             num_rows=t, num_seqs=num_seqs, input_ids=v["ids"][:t], positions=v["pos"][:t], meta=meta,
             sample_rows=v["sample_rows"][:num_samples], num_samples=num_samples,
             embeds_index=v["embeds_index"][:num_embeds] if num_embeds else None, embeds_rows=embeds_rows,
-            prompt_logprob_rows=prompt_rows, decode_only=max_q == 1)
+            prompt_logprob_rows=prompt_rows)
 
     def _embeds_to_device(self, spans: list[torch.Tensor], total: int) -> torch.Tensor:
         """The step's embeds rows on the device: gathered into a pinned staging buffer (two, taken in

@@ -5,6 +5,8 @@ caller-supplied embedding row (prompt embeds), chosen by a per-token mask.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,19 +37,14 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return out + bias if bias is not None else out
 
 
+@functools.cache
 def _fused_add_rmsnorm():
     """The Triton add+RMSNorm kernel, or None where triton is missing."""
-    global _FUSED
-    if _FUSED is False:
-        try:
-            from replicas.models.fused_norm import add_rmsnorm
-        except ImportError:
-            add_rmsnorm = None
-        _FUSED = add_rmsnorm
-    return _FUSED
-
-
-_FUSED = False
+    try:
+        from replicas.models.fused_norm import add_rmsnorm
+    except ImportError:
+        return None
+    return add_rmsnorm
 
 
 class RMSNorm(nn.Module):
