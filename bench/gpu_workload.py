@@ -69,12 +69,24 @@ def roofline_tok_s(llm: LLM, prompts: list[list[int]], outputs: list[int], bandw
     return sum(outputs) / seconds
 
 
-def run_raylm(llm: LLM, prompts: list, outputs: list[int], temperature: float) -> float:
+def run_raylm(llm: LLM, prompts: list, outputs: list[int], temperature: float, cprofile: str | None = None) -> float:
     params = [SamplingParams(max_tokens=n, temperature=temperature, ignore_eos=True) for n in outputs]
+    host = None
+    if cprofile:
+        import cProfile
+
+        host = cProfile.Profile()
+        host.enable()
     torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    if host is not None:
+        import pstats
+
+        host.disable()
+        print(f"== host profile: {cprofile} ({elapsed:.2f} s, profiled)")
+        pstats.Stats(host).sort_stats("tottime").print_stats(22)
     got = sum(len(o.outputs[0].token_ids) for o in outs)
     assert got == sum(outputs), f"raylm produced {got} tokens, expected {sum(outputs)}"
     return got / elapsed
@@ -120,6 +132,8 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=256, help="transformers' generate batch (memory)")
     ap.add_argument("--skip-embeds", action="store_true")
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--cprofile", action="store_true",
+                    help="after the timed runs, run tokens and embeds once more under cProfile and print both")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None,
                     help="raylm's share of the card (default 0.9, or 0.6 to leave transformers room)")
     args = ap.parse_args()
@@ -141,6 +155,11 @@ def main() -> None:
     if not args.skip_embeds:
         embeds = [{"prompt_embeds": llm.get_input_embeddings(p)} for p in prompts]
         embeds_tps = run_raylm(llm, embeds, outputs, args.temperature)
+        del embeds
+    if args.cprofile:
+        run_raylm(llm, [{"prompt_token_ids": p} for p in prompts], outputs, args.temperature, "tokens")
+        embeds = [{"prompt_embeds": llm.get_input_embeddings(p)} for p in prompts]
+        run_raylm(llm, embeds, outputs, args.temperature, "embeds")
         del embeds
     hf_tps = None if args.skip_hf else run_transformers(llm, prompts, outputs, args.temperature, args.hf_batch)
 
