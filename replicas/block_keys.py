@@ -51,10 +51,39 @@ class BlockKeyer:
 
 
 def rows_digest(rows: torch.Tensor) -> bytes:
-    """SHA-256 of a run of embedding rows: their dtype name and raw bytes (hashlib releases the GIL
-    while it hashes, so several runs can be digested on several threads)."""
+    """SHA-256 of a run of embedding rows: their dtype name and raw bytes."""
     rows = rows.detach().cpu().contiguous()
-    dtype = str(rows.dtype).encode()
-    h = hashlib.sha256(struct.pack("<Q", len(dtype)) + dtype)
-    h.update(rows.view(-1).view(torch.uint8).numpy())  # bf16 has no numpy dtype; its bytes do
+    return _digest(_dtype_header(rows.dtype), rows.view(-1).view(torch.uint8).numpy())  # bf16: no numpy dtype
+
+
+def block_run_digests(segments: Sequence[tuple[int, torch.Tensor]], block_size: int,
+                      num_blocks: int) -> list[list[bytes]]:
+    """rows_digest of every embeds run of blocks [0, num_blocks), block by block: what KVCacheManager
+    hashes on a digest thread (hashlib releases the GIL while it hashes, and slicing byte views
+    keeps the Python work per block small)."""
+    views = []
+    for first, rows in segments:
+        rows = rows.detach().cpu().contiguous()
+        views.append((first, rows.shape[0], rows[0].numel() * rows.element_size(), _dtype_header(rows.dtype),
+                      memoryview(rows.view(-1).view(torch.uint8).numpy())))
+    out: list[list[bytes]] = []
+    for b in range(num_blocks):
+        start, end = b * block_size, (b + 1) * block_size
+        runs = []
+        for first, n, row_bytes, header, data in views:
+            lo, hi = max(start, first), min(end, first + n)
+            if lo < hi:
+                runs.append(_digest(header, data[(lo - first) * row_bytes:(hi - first) * row_bytes]))
+        out.append(runs)
+    return out
+
+
+def _dtype_header(dtype: torch.dtype) -> bytes:
+    name = str(dtype).encode()
+    return struct.pack("<Q", len(name)) + name
+
+
+def _digest(header: bytes, data) -> bytes:
+    h = hashlib.sha256(header)
+    h.update(data)
     return h.digest()

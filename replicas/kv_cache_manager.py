@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from replicas.block_keys import BlockKeyer, rows_digest
+from replicas.block_keys import BlockKeyer, block_run_digests
 from replicas.block_pool import BlockPool, raise_problems
 from replicas.sequence import Sequence, SequenceStatus
 
@@ -43,30 +43,31 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def _block_key(self, seq: Sequence, block_index: int, parent: bytes) -> bytes:
+    def start_digests(self, seq: Sequence) -> None:
+        """Digest the sequence's embeds rows on a digest thread, block by block, while it waits and
+        while its prefill runs (the chained keys then hash 32 bytes per run instead of the rows)."""
+        if self.enable_caching and seq.num_embeds and seq.embeds_digests is None:
+            num_blocks = (seq.num_embeds - 1) // self.block_size + 1
+            seq.embeds_digests = _DIGESTERS.submit(block_run_digests, list(seq.embeds_segments), self.block_size,
+                                                   num_blocks)
+
+    def _block_key(self, seq: Sequence, block_index: int, parent: bytes, wait: bool = True) -> bytes:
+        """wait=False: when the digest thread has not finished this sequence, hash this block's rows
+        here instead of waiting behind other sequences' rows."""
         start, end = block_index * self.block_size, (block_index + 1) * self.block_size
         spans = [(pos - start, rows) for pos, rows in seq.embeds_spans(start, end)]
-        if spans and block_index < len(seq.embeds_block_digests):
-            spans = [(offset, rows, digest) for (offset, rows), digest in zip(spans, seq.embeds_block_digests[block_index])]
+        if spans:
+            self.start_digests(seq)
+            if wait or seq.embeds_digests.done():
+                digests = seq.embeds_digests.result()[block_index]
+                spans = [(offset, rows, digest) for (offset, rows), digest in zip(spans, digests)]
         return self.keyer.key(parent, seq.token_ids[start:end], spans)
 
-    def _digest_embeds(self, seq: Sequence) -> None:
-        """Digest the embeds runs of every block at once, on several threads (the chained keys then
-        hash 32 bytes per run instead of the rows)."""
-        if seq.embeds_block_digests or not seq.num_embeds:
-            return
-        last = seq.num_embeds - 1
-        blocks = [[rows for _, rows in seq.embeds_spans(i * self.block_size, (i + 1) * self.block_size)]
-                  for i in range(last // self.block_size + 1)]
-        digests = iter(_DIGESTERS.map(rows_digest, [rows for runs in blocks for rows in runs]))
-        seq.embeds_block_digests = [[next(digests) for _ in runs] for runs in blocks]
-
-    def _key_of(self, seq: Sequence, block_index: int) -> bytes:
-        self._digest_embeds(seq)
+    def _key_of(self, seq: Sequence, block_index: int, wait: bool = True) -> bytes:
         while len(seq.block_hashes) <= block_index:
             i = len(seq.block_hashes)
             parent = seq.block_hashes[i - 1] if i else self.keyer.root
-            seq.block_hashes.append(self._block_key(seq, i, parent))
+            seq.block_hashes.append(self._block_key(seq, i, parent, wait))
         return seq.block_hashes[block_index]
 
     def find_prefix(self, seq: Sequence) -> PrefixHit:
@@ -77,7 +78,7 @@ class KVCacheManager:
         hits: list[int] = []
         max_blocks = (seq.num_tokens - 1) // self.block_size
         for i in range(max_blocks):
-            block = self.pool.lookup(self._key_of(seq, i))
+            block = self.pool.lookup(self._key_of(seq, i, wait=False))
             if block is None:
                 break
             hits.append(block.block_id)

@@ -46,6 +46,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
+        self.kv.start_digests(seq)
         self.waiting.append(seq)
 
     def has_work(self) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -54,7 +55,8 @@ class Sequence:
     eager_text: bool = True  # detokenize every step (streams, stop strings); else once at the end
     table_row: int = -1  # the runner's device block-table row while the sequence holds blocks
     num_synced_blocks: int = 0  # leading block_table entries already written to that row
-    embeds_block_digests: list[list[bytes]] = field(default_factory=list)  # per block: rows_digest of each embeds run
+    # Per block, the rows_digest of each embeds run, computed on a digest thread (KVCacheManager).
+    embeds_digests: Future | None = None
     pending_sample_index: int = -1  # row of the in-flight step's samples holding this sequence's PENDING_TOKEN
 
     def __post_init__(self) -> None:
