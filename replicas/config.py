@@ -84,6 +84,9 @@ class ModelConfig:
     bos_token_id: int | None
     eos_token_ids: list[int]
     hf_config: object  # transformers PretrainedConfig, for rope parameters
+    # Per layer, the sliding attention window (a query at position p sees keys after p - window);
+    # 0 for full attention. Empty: every layer full.
+    layer_windows: tuple[int, ...] = ()
 
     @classmethod
     def from_hf(cls, hf_config, name: str, max_model_len: int | None) -> "ModelConfig":
@@ -96,15 +99,10 @@ class ModelConfig:
         eos = c.eos_token_id
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         max_pos = getattr(c, "max_position_embeddings", 4096)
-        # Sliding-window attention equals full attention while a sequence fits the window, so the
-        # window caps the length (the kernels attend to every earlier position).
-        window = _sliding_window(c, model_type)
-        limit = min(max_pos, window) if window else max_pos
         if max_model_len is None:
-            max_model_len = limit
-        elif max_model_len > limit:
-            what = f"sliding window {window}" if window and window < max_pos else f"max_position_embeddings {max_pos}"
-            raise ValueError(f"max_model_len {max_model_len} exceeds the model's {what}")
+            max_model_len = max_pos
+        elif max_model_len > max_pos:
+            raise ValueError(f"max_model_len {max_model_len} exceeds the model's max_position_embeddings {max_pos}")
         return cls(
             name=name,
             hidden_size=c.hidden_size,
@@ -123,12 +121,17 @@ class ModelConfig:
             bos_token_id=getattr(c, "bos_token_id", None),
             eos_token_ids=eos_ids,
             hf_config=c,
+            layer_windows=_layer_windows(c, model_type),
         )
 
 
-def _sliding_window(c, model_type: str) -> int | None:
-    """The attention window a config asks for (Mistral: sliding_window; Qwen2/3: when use_sliding_window)."""
-    window = getattr(c, "sliding_window", None)
-    if not window or (model_type in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False)):
-        return None
-    return int(window)
+def _layer_windows(c, model_type: str) -> tuple[int, ...]:
+    """Each layer's attention window (0: full): Mistral's sliding_window on every layer; Qwen2/3's
+    (when use_sliding_window) on the layers its layer_types mark sliding."""
+    window = int(getattr(c, "sliding_window", None) or 0)
+    if model_type in ("qwen2", "qwen3") and not getattr(c, "use_sliding_window", False):
+        window = 0
+    if not window:
+        return ()
+    types = getattr(c, "layer_types", None) or ["sliding_attention"] * c.num_hidden_layers
+    return tuple(window if t == "sliding_attention" else 0 for t in types)

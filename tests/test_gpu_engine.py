@@ -19,11 +19,12 @@ def _prompts(tok):
     return [chat_token_ids(tok, c) for c in CHATS] + [list(range(5, 400, 3))]
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "mistral"])
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_float32_greedy_matches_transformers(tmp_path, model_type, shape):
     tok = embedded_tokenizer()
-    hf = make_tiny_model(tmp_path, model_type, tok, **SHAPES[shape])  # the reference runs on the CPU
+    window = {"sliding_window": 48} if model_type == "mistral" else {}  # the long prompt outgrows it
+    hf = make_tiny_model(tmp_path, model_type, tok, **SHAPES[shape], **window)  # the reference runs on the CPU
     llm = LLM(model=str(tmp_path), dtype="float32", num_gpu_blocks_override=256, max_num_seqs=32)
     assert llm.engine.runner.backend.name == "triton" and llm.engine.runner.graphs is not None
     prompts = _prompts(tok)
@@ -109,8 +110,10 @@ def test_seeded_sampling_repeats_on_the_device(tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("heads", [(32, 8, 64), (32, 8, 128), (9, 3, 64)])
-def test_triton_kernels_match_the_torch_reference(dtype, heads):
-    """Mixed batch (prefill chunks with context, decodes, a long decode) and a split decode batch."""
+@pytest.mark.parametrize("window", [0, 37])
+def test_triton_kernels_match_the_torch_reference(dtype, heads, window):
+    """Mixed batch (prefill chunks with context, decodes, a long decode) and a split decode batch,
+    with full and sliding-window attention."""
     from replicas.attention.torch_backend import TorchAttentionBackend
     from replicas.attention.triton_backend import TritonAttentionBackend
 
@@ -143,7 +146,7 @@ def test_triton_kernels_match_the_torch_reference(dtype, heads):
                 meta.backend_state["plan"] = backend.plan(T, len(cases), 1, max(lens), split_batch=split)
                 assert meta.backend_state["plan"].num_splits > 1
             backend.prepare(meta)
-            outs.append((backend.forward(q, k, v, c, meta, D ** -0.5).float(), c))
+            outs.append((backend.forward(q, k, v, c, meta, D ** -0.5, window).float(), c))
         tol = 2e-5 if dtype == torch.float32 else 2e-2
         assert torch.equal(outs[0][1], outs[1][1])
         assert (outs[0][0] - outs[1][0]).abs().max() < tol

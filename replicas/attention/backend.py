@@ -43,8 +43,9 @@ class AttentionBackend:
         """Called once per step before the layers run."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        """q: [T, H, D]; k, v: [T, Hkv, D]. Returns [T, H, D]."""
+                meta: AttentionMetadata, scale: float, window: int = 0) -> torch.Tensor:
+        """q: [T, H, D]; k, v: [T, Hkv, D]. Returns [T, H, D]. window > 0: sliding-window attention,
+        a query at position p sees the keys at positions p - window + 1 .. p."""
         raise NotImplementedError
 
 

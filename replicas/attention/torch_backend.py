@@ -30,17 +30,26 @@ class TorchAttentionBackend(AttentionBackend):
 
         # Causal within the sequence: query row r is at position seq_len - q_len + r.
         q_pos = (seq_lens - q_lens)[:, None] + rows[None, :]  # [B, max_q]
-        mask = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < seq_lens[:, None, None])
+        causal = (pos[None, None, :] <= q_pos[:, :, None]) & (pos[None, None, :] < seq_lens[:, None, None])
         # Padded query rows see key 0 so SDPA never normalises an empty row (NaN).
-        mask = mask | (~q_valid[:, :, None] & (pos[None, None, :] == 0))
+        padding = ~q_valid[:, :, None] & (pos[None, None, :] == 0)
 
         meta.backend_state.update(
-            q_index=q_index, q_valid=q_valid, kv_slots=kv_slots, mask=mask[:, None, :, :],
+            q_index=q_index, q_valid=q_valid, kv_slots=kv_slots, causal=causal, padding=padding,
+            distance=q_pos[:, :, None] - pos[None, None, :], masks={},
             flat_valid=q_valid.reshape(-1).nonzero().squeeze(1),
             all_decode=max_q == 1,
         )
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
+    @staticmethod
+    def _mask(st: dict, window: int) -> torch.Tensor:
+        """[B, 1, max_q, max_kv], made once per step for each window the layers use."""
+        if window not in st["masks"]:
+            mask = st["causal"] if not window else st["causal"] & (st["distance"] < window)
+            st["masks"][window] = (mask | st["padding"])[:, None, :, :]
+        return st["masks"][window]
+
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window: int = 0):
         st = meta.backend_state
         num_heads, head_dim = q.shape[1], q.shape[2]
         k_cache = kv_cache[0].view(-1, k.shape[1], head_dim)
@@ -55,7 +64,7 @@ class TorchAttentionBackend(AttentionBackend):
             queries = q.view(b, 1, num_heads, head_dim).transpose(1, 2)
         else:
             queries = q[st["q_index"]].transpose(1, 2)  # [B, H, max_q, D]
-        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=st["mask"], scale=scale,
+        out = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self._mask(st, window), scale=scale,
                                              enable_gqa=num_heads != k.shape[1])
         out = out.transpose(1, 2)  # [B, max_q, H, D]
         if st["all_decode"]:

@@ -76,7 +76,7 @@ class TritonAttentionBackend(AttentionBackend):
             meta.backend_state["plan"] = self.plan(meta.slot_mapping.shape[0], meta.num_seqs, meta.max_query_len,
                                                    meta.max_seq_len)
 
-    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float):
+    def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window: int = 0):
         plan: LaunchPlan = meta.backend_state["plan"]
         rows = plan.num_rows
         row = self.num_kv_heads * self.head_dim
@@ -91,7 +91,7 @@ class TritonAttentionBackend(AttentionBackend):
             self.num_heads,
             QPK=self.qpk, HEAD_DIM=self.head_dim, NUM_KV_HEADS=self.num_kv_heads, PAGE=meta.block_size,
             BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, DECODE_ONLY=plan.decode_only,
-            NUM_SPLITS=plan.num_splits, IEEE=q.dtype == torch.float32, num_warps=plan.num_warps,
+            NUM_SPLITS=plan.num_splits, IEEE=q.dtype == torch.float32, WINDOW=window, num_warps=plan.num_warps,
         )
         if plan.num_splits > 1:
             merge_splits_kernel[(rows, self.num_heads)](out, self.part_acc, self.part_stats, out.stride(0),

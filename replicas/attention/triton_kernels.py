@@ -33,10 +33,11 @@ def paged_attention_kernel(
     scale_log2, num_seqs, q_row_stride, out_row_stride, table_row_stride, num_heads,
     QPK: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    DECODE_ONLY: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr,
+    DECODE_ONLY: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
 ):
     """Program (tile, kv_head, split): BLOCK_Q query tokens of one sequence times the QPK query
-    heads that share kv_head, as BLOCK_M rows of one online-softmax pass over the keys."""
+    heads that share kv_head, as BLOCK_M rows of one online-softmax pass over the keys.
+    WINDOW > 0: sliding-window attention (a query at position p sees keys p - WINDOW + 1 .. p)."""
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -78,12 +79,16 @@ def paged_attention_kernel(
 
     # Causal: this tile's last query sees keys up to its own position.
     kv_end = tl.minimum(seq_len, context + tl.minimum((tile + 1) * BLOCK_Q, q_len))
+    # Sliding window: this tile's first query sees nothing before its own position - WINDOW + 1.
+    kv_start = 0
+    if WINDOW > 0:
+        kv_start = tl.maximum(context + tile * BLOCK_Q - WINDOW + 1, 0)
     if NUM_SPLITS == 1:
-        kv_lo = 0
+        kv_lo = kv_start
         kv_hi = kv_end
     else:
-        per_split = tl.cdiv(tl.cdiv(kv_end, BLOCK_N), NUM_SPLITS) * BLOCK_N
-        kv_lo = split * per_split
+        per_split = tl.cdiv(tl.cdiv(kv_end - kv_start, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        kv_lo = kv_start + split * per_split
         kv_hi = tl.minimum(kv_end, kv_lo + per_split)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -103,6 +108,8 @@ def paged_attention_kernel(
             s = tl.dot(q, tl.trans(k))
         s = s * scale_log2
         keep = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
+        if WINDOW > 0:
+            keep = keep & (offs_n[None, :] > q_pos[:, None] - WINDOW)
         s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
