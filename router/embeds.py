@@ -8,14 +8,20 @@ Two wire forms arrive here:
 Both end as a C-contiguous numpy array of shape ``(seq_len, hidden_size)``: float32 for
 float32/bfloat16/float64 inputs (numpy has no bfloat16), float16 kept as float16.
 
-``max_bytes`` caps the tensor's data: ``seq_len * hidden_size * itemsize`` of the tensor as sent.
+``max_bytes`` caps the tensor's data: ``seq_len * hidden_size * itemsize`` of the tensor as sent,
+for a sparse tensor of its dense form (checked before it is allocated).
 
 ``torch.load`` only ever runs on bytes that were checked whole, without ``zipfile`` (whose reading
 differs from torch's): the zip archive starts at offset 0 and its records, central directory and
 end records tile the input exactly; the record names are the ones ``torch.save`` writes (no case
 collisions, no duplicates); ``data.pkl`` is a few hundred bytes whose opcodes spell exactly what
-``torch.save`` writes for one dense tensor; and the storage, shape and strides it declares agree
-with the data record and the size cap. Every other failure of any layer becomes an
+``torch.save`` writes for one dense tensor (router.torch_pickle); and the storage, shape and
+strides it declares agree with the data record and the size cap.
+
+A sparse COO, CSR or CSC tensor (which vLLM accepts, so that clients can send fewer bytes) never
+reaches ``torch.load``: its parts are read from their checked records, its invariants checked
+and its dense size capped before it is densified (router.sparse_embeds). Quantized, complex,
+integer, nested and non-tensor payloads stay refused. Every other failure of any layer becomes an
 ``EmbedsError`` (400), never another exception.
 """
 from __future__ import annotations
@@ -25,7 +31,6 @@ import binascii
 import functools
 import io
 import math
-import pickletools
 import re
 import struct
 import zlib
@@ -34,33 +39,21 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from router.errors import quote
+from router.errors import EmbedsError, quote
+from router.errors import embeds_too_large as _too_large
+from router.sparse_embeds import densify
+from router.torch_pickle import FLOAT_STORAGES, MAX_PICKLE_BYTES, SparsePlan, TensorPlan, read_plan
+
+__all__ = ["EmbedsError", "decode_base64_embeds", "decode_embeds_entry", "decode_raw_embeds",
+           "decode_torch_save_bytes"]
 
 # Room for the torch.save container around the tensor bytes: zip headers, the pickle, the small
 # metadata records and the 64-byte alignment padding torch writes before each data record.
 CONTAINER_OVERHEAD_BYTES = 64 * 1024
-# torch.save writes a ~150-byte data.pkl for one tensor (~200 for an nn.Parameter).
-MAX_PICKLE_BYTES = 4096
-# Opcodes in that pickle: ~35 for a tensor, ~50 for a parameter, +2 per dimension past 3.
-MAX_PICKLE_OPS = 160
 
-_TORCH_DTYPES = {torch.float32, torch.bfloat16, torch.float16, torch.float64}
+_TORCH_DTYPES = set(FLOAT_STORAGES.values())
 _RAW_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
 _RAW_KEYS = frozenset({"dtype", "shape", "data"})
-
-
-class EmbedsError(ValueError):
-    """A prompt embeds payload the router refuses; ``status`` is the HTTP status (400 or 413)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-
-
-def _too_large(what: str, size: int, max_bytes: int) -> EmbedsError:
-    return EmbedsError(f"prompt_embeds too large: {what} is {size} bytes, the limit is "
-                       f"{max_bytes} bytes", status=413)
 
 
 def _shape_error(hidden_size: int, shape) -> EmbedsError:
@@ -149,8 +142,14 @@ def decode_torch_save_bytes(raw: bytes, *, hidden_size: int, max_bytes: int) -> 
         raise _too_large("the torch.save payload", len(raw), _max_container_bytes(max_bytes))
     raw = bytes(raw)  # immutable: torch.load reads exactly the bytes checked below
     records = _read_archive(raw, max_bytes)
-    plan = _tensor_plan(records["data.pkl"])
-    _check_plan(plan, records, max_bytes)
+    plan = read_plan(records["data.pkl"])
+    if isinstance(plan, SparsePlan):
+        _check_storages(plan.parts, records, max_bytes)
+        seq_len, hidden = _seq_shape(plan.size, hidden_size)  # before anything is densified
+        dense = densify(plan, records, max_bytes=max_bytes,
+                        big_endian=records.get("byteorder") == b"big")
+        return _to_array(dense, seq_len, hidden)
+    _check_storages((plan,), records, max_bytes)
     try:
         tensor = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu", mmap=False)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for inconsistent archives
@@ -177,17 +176,17 @@ _PADDING_FIELD = 0x4246      # the "FB" extra field torch pads records with to a
 
 # Record names torch.save writes under the archive's one top folder, with what each may hold.
 _META_RECORDS = {
-    "data.pkl": None,                                   # checked by _tensor_plan
+    "data.pkl": None,                                   # checked by read_plan
     "byteorder": re.compile(rb"little|big"),
-    "version": re.compile(rb"\d{1,4}\n?"),
+    "version": re.compile(rb"[1-9]\n?"),  # torch.save writes 3; torch.load refuses 0 and > 10
     ".format_version": re.compile(rb"\d{1,4}"),
     ".storage_alignment": re.compile(rb"\d{1,8}"),
     ".data/serialization_id": re.compile(rb"\d{1,64}"),
 }
 _DATA_RECORD = re.compile(r"data/[0-9]{1,9}")
 _TOP_FOLDER = re.compile(r"[^/\\\x00-\x1f]{1,128}")
-# One tensor has one data record; room for a few more lets the pickle check say what a sparse
-# or nested tensor is rather than only that it has too many records.
+# A dense tensor has one data record, a sparse one two or three; room for a few more lets the
+# pickle check say what a nested tensor is rather than only that it has too many records.
 _MAX_RECORDS = len(_META_RECORDS) + 8
 
 
@@ -325,8 +324,9 @@ def _check_names(names: list[str]) -> str:
         if name not in _META_RECORDS and not _DATA_RECORD.fullmatch(name):
             raise _zip_error(f"it holds a record {quote(top + '/' + name)}, which torch.save "
                              "does not write")
-    if "data.pkl" not in below:
-        raise _zip_error("it holds no data.pkl record")
+    for required in ("data.pkl", "version"):  # torch.load needs both
+        if required not in below:
+            raise _zip_error(f"it holds no {required} record")
     return top
 
 
@@ -399,156 +399,55 @@ def _check_record_sizes(records: dict[str, bytes], max_bytes: int) -> None:
                              "write")
 
 
-# ---------------------------------------------------------------- the pickle layer
+# ---------------------------------------------------------------- the storages a plan reads
 
-# The storage classes of the accepted dtypes, with their element sizes.
-_STORAGES = {"FloatStorage": 4, "BFloat16Storage": 2, "HalfStorage": 2, "DoubleStorage": 8}
-# One letter per opcode; GLOBAL and BINUNICODE get a letter per accepted value.
-_GLOBAL_TOKENS = {
-    "torch._utils _rebuild_tensor_v2": "T",
-    "torch._utils _rebuild_parameter": "A",
-    "collections OrderedDict": "O",
-    **{f"torch {name}": "S" for name in _STORAGES},
-}
-_OP_TOKENS = {
-    "MARK": "(", "TUPLE": "t", "TUPLE1": "1", "TUPLE2": "2", "TUPLE3": "3", "EMPTY_TUPLE": ")",
-    "BININT1": "i", "BININT2": "i", "BININT": "i", "LONG1": "i", "NEWTRUE": "b", "NEWFALSE": "b",
-    "BINPERSID": "Q", "REDUCE": "R", "EMPTY_DICT": "d", "SETITEM": "s", "SETITEMS": "u",
-    "STOP": ".",
-}
-_STRING_TOKENS = ((re.compile("storage"), "x"), (re.compile(r"[0-9]{1,9}"), "k"),
-                  (re.compile("neg"), "n"), (re.compile(r"[a-z]{1,16}(:[0-9]{1,4})?"), "l"))
-_INTS = r"(?:\)|i1|ii2|iii3|\(i*t)"
-# What torch.save writes for one tensor: _rebuild_tensor_v2(persistent storage id, offset, size,
-# stride, requires_grad, OrderedDict() [, {"neg": bool}]), for an nn.Parameter wrapped in
-# _rebuild_parameter(tensor, requires_grad, OrderedDict()). The conj bit exists for complex
-# dtypes only, which are refused.
-_TENSOR_PICKLE = re.compile(
-    r"P(?P<param>A)?T\(\(x(?P<storage>S)(?P<key>k)l(?P<numel>i)tQ(?P<offset>i)"
-    rf"(?P<size>{_INTS})(?P<stride>{_INTS})bO\)R(?:d(?:nbs|\((?:nb)+u))?tR(?(param)bO\)R3R)\.")
-
-
-@dataclass
-class _TensorPlan:
-    """What a checked data.pkl will make torch.load build."""
-
-    itemsize: int
-    key: str
-    numel: int
-    offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-def _tensor_plan(pickle_bytes: bytes) -> _TensorPlan:
-    """Read data.pkl opcode by opcode, without running it, against what torch.save writes."""
-    tokens, args = _pickle_tokens(pickle_bytes)
-    match = _TENSOR_PICKLE.fullmatch("".join(tokens))
-    if match is None:
-        raise _not_one_tensor("its data.pkl is not what torch.save writes for one")
-
-    def ints(group: str) -> tuple[int, ...]:
-        return tuple(args[i] for i in range(*match.span(group)) if tokens[i] == "i")
-
-    return _TensorPlan(itemsize=args[match.start("storage")], key=args[match.start("key")],
-                       numel=ints("numel")[0], offset=ints("offset")[0],
-                       size=ints("size"), stride=ints("stride"))
-
-
-def _pickle_tokens(pickle_bytes: bytes) -> tuple[list[str], list]:
-    tokens, args, memo = [], [], {}
-    for opcode, arg, pos in pickletools.genops(pickle_bytes):
-        if len(tokens) >= MAX_PICKLE_OPS:
-            raise _not_one_tensor(f"its data.pkl has more than {MAX_PICKLE_OPS} opcodes")
-        name = opcode.name
-        if name == "BINPUT":  # memo writes: track which slot holds the OrderedDict class
-            memo[arg] = tokens[-1] if tokens else None
-            continue
-        token, value = _pickle_token(name, arg, memo)
-        tokens.append(token)
-        args.append(value)
-        if token == "." and pos != len(pickle_bytes) - 1:
-            raise _not_one_tensor("its data.pkl has bytes after its STOP opcode")
-    return tokens, args
-
-
-def _pickle_token(name: str, arg, memo: dict) -> tuple[str, object]:
-    if name == "PROTO" and arg in (2, 3):  # torch's default; 3 writes the same opcodes here
-        return "P", None
-    if name == "GLOBAL":
-        token = _GLOBAL_TOKENS.get(arg)
-        if token is None:
-            _refuse_global(*str(arg).partition(" ")[::2])
-        return token, _STORAGES.get(arg.partition(" ")[2])
-    if name == "BINGET" and memo.get(arg) == "O":  # nn.Parameter reuses the OrderedDict class
-        return "O", None
-    if name == "BINUNICODE":
-        token = next((t for pattern, t in _STRING_TOKENS if pattern.fullmatch(arg)), "?")
-        return token, arg
-    if name in _OP_TOKENS:
-        if name == "LONG1" and not -2 ** 63 <= arg < 2 ** 63:
-            raise _not_one_tensor("its data.pkl holds an integer out of 64-bit range")
-        return _OP_TOKENS[name], arg
-    protocol = f" with protocol {quote(arg)}" if name == "PROTO" else ""
-    raise _not_one_tensor(f"its data.pkl uses the {name} opcode{protocol}, which torch.save "
-                          "never writes for one")
-
-
-def _not_one_tensor(detail: str) -> EmbedsError:
-    return EmbedsError("prompt_embeds must be a torch.Tensor saved with torch.save (one dense "
-                       f"tensor, default pickle protocol): {detail}")
-
-
-def _refuse_global(module: str, attr: str) -> None:
-    if attr.endswith("Storage"):
-        reason = (f"its data is a {quote(module + '.' + attr)}; prompt_embeds must be float32, "
-                  "bfloat16, float16 or float64")
-    elif "sparse" in attr:
-        reason = "it is a sparse tensor; prompt_embeds must be a dense tensor"
-    elif "qtensor" in attr:
-        reason = "it is a quantized tensor; prompt_embeds must be a plain floating tensor"
-    elif "nested" in attr:
-        reason = "it is a nested tensor; prompt_embeds must be a plain dense tensor"
-    else:
-        reason = f"its pickle refers to {quote(module + '.' + attr)}, which is not accepted"
-    raise EmbedsError("prompt_embeds must be one plain dense floating tensor saved with "
-                      f"torch.save: {reason}")
-
-
-def _check_plan(plan: _TensorPlan, records: dict[str, bytes], max_bytes: int) -> None:
-    """The pickle's storage, shape and strides must agree with the archive and the cap."""
-    data = records.get(f"data/{plan.key}")
-    if data is None or sum(1 for name in records if _DATA_RECORD.fullmatch(name)) != 1:
-        raise EmbedsError(f"prompt_embeds archive must hold exactly one data record, the "
-                          f"data/{plan.key} its pickle refers to")
-    if plan.numel * plan.itemsize != len(data):
-        raise EmbedsError(f"prompt_embeds pickle declares a storage of {plan.numel} elements, but "
-                          f"its record holds {len(data)} bytes")
-    if len(plan.size) != len(plan.stride) or min(plan.size + plan.stride + (plan.offset,),
-                                                 default=0) < 0:
-        raise EmbedsError("prompt_embeds pickle declares a malformed shape or strides")
-    declared = math.prod(plan.size) * plan.itemsize
-    if declared > max_bytes:
-        raise _too_large(f"the declared tensor {quote(plan.size)}", declared, max_bytes)
-    last = plan.offset + sum((n - 1) * s for n, s in zip(plan.size, plan.stride))
-    if 0 not in plan.size and last >= plan.numel:
-        raise EmbedsError(f"prompt_embeds pickle declares a view of shape {quote(plan.size)} "
-                          "beyond the end of its storage")
+def _check_storages(parts: tuple[TensorPlan, ...], records: dict[str, bytes],
+                    max_bytes: int) -> None:
+    """The data records are exactly the ones the pickle's tensors view, each once; each view's
+    storage, shape and strides agree with its record and the cap."""
+    keys = [p.key for p in parts]
+    data_records = {name for name in records if _DATA_RECORD.fullmatch(name)}
+    if len(set(keys)) != len(keys) or data_records != {f"data/{k}" for k in keys}:
+        wanted = ", ".join(f"data/{k}" for k in keys)
+        count = "exactly one data record" if len(keys) == 1 else f"exactly {len(keys)} data records"
+        raise EmbedsError(f"prompt_embeds archive must hold {count}, the {wanted} its pickle "
+                          "refers to")
+    for plan in parts:
+        data = records[f"data/{plan.key}"]
+        if plan.numel * plan.itemsize != len(data):
+            raise EmbedsError(f"prompt_embeds pickle declares a storage of {plan.numel} elements, "
+                              f"but its record holds {len(data)} bytes")
+        if len(plan.size) != len(plan.stride) or min(plan.size + plan.stride + (plan.offset,),
+                                                     default=0) < 0:
+            raise EmbedsError("prompt_embeds pickle declares a malformed shape or strides")
+        declared = math.prod(plan.size) * plan.itemsize
+        if declared > max_bytes:
+            raise _too_large(f"the declared tensor {quote(plan.size)}", declared, max_bytes)
+        last = plan.offset + sum((n - 1) * s for n, s in zip(plan.size, plan.stride))
+        if 0 not in plan.size and last >= plan.numel:
+            raise EmbedsError(f"prompt_embeds pickle declares a view of shape {quote(plan.size)} "
+                              "beyond the end of its storage")
 
 
 # ---------------------------------------------------------------- the loaded tensor
 
-def _tensor_to_array(obj, plan: _TensorPlan, *, hidden_size: int) -> np.ndarray:
+def _tensor_to_array(obj, plan: TensorPlan, *, hidden_size: int) -> np.ndarray:
     if type(obj) not in (torch.Tensor, torch.nn.Parameter):
         raise EmbedsError(f"prompt_embeds must be a torch.Tensor of shape (seq_len, "
                           f"{hidden_size}), got a {type(obj).__name__}")
     if (obj.layout != torch.strided or obj.is_quantized or obj.is_nested
             or obj.device.type != "cpu" or obj.dtype not in _TORCH_DTYPES or obj.is_conj()
-            or tuple(obj.shape) != plan.size or tuple(obj.stride()) != plan.stride):
+            or obj.dtype != plan.dtype or tuple(obj.shape) != plan.size
+            or tuple(obj.stride()) != plan.stride):
         raise EmbedsError("prompt_embeds loaded as something other than what its pickle declares")
     seq_len, hidden = _seq_shape(plan.size, hidden_size)
     # The neg bit is a lazy negation numpy refuses; resolving it copies at most max_bytes.
-    tensor = obj.detach().resolve_neg().reshape(seq_len, hidden)
+    return _to_array(obj.detach().resolve_neg(), seq_len, hidden)
+
+
+def _to_array(tensor: torch.Tensor, seq_len: int, hidden: int) -> np.ndarray:
+    """float32 (float16 kept), C-contiguous, finite, owning no more storage than it shows."""
+    tensor = tensor.reshape(seq_len, hidden)
     if tensor.dtype != torch.float16:
         tensor = tensor.to(torch.float32)
     tensor = tensor.contiguous()

@@ -53,6 +53,33 @@ def _capped(message: str) -> str:
     return message[:MAX_MESSAGE_CHARS] + f"... ({len(message) - MAX_MESSAGE_CHARS} more characters)"
 
 
+# Wording vLLM's server uses where clients and vLLM's own tests match on the message; the
+# completions and chat endpoints both take them from here.
+EMPTY_PROMPT = "Either prompt or prompt_embeds must be provided and non-empty."
+ECHO_WITH_EMBEDS = "Echo is unsupported with prompt embeds."
+PROMPT_LOGPROBS_WITH_EMBEDS = "prompt_logprobs is not compatible with prompt embeds."
+EMBEDS_PART_WITHOUT_DATA = ("prompt_embeds content part requires a non-empty `data` field "
+                            "(base64 of torch.save bytes).")
+
+
+def out_of_vocabulary(token_id: int) -> str:
+    return f"Token id {quote(token_id)} is out of vocabulary"
+
+
+class EmbedsError(ValueError):
+    """A prompt embeds payload the router refuses; ``status`` is the HTTP status (400 or 413)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def embeds_too_large(what: str, size: int, max_bytes: int) -> EmbedsError:
+    return EmbedsError(f"prompt_embeds too large: {what} is {size} bytes, the limit is "
+                       f"{max_bytes} bytes", status=413)
+
+
 class APIError(Exception):
     def __init__(self, message: str, status: int = 400, *, param: str | None = None,
                  code: str | None = None, type: str | None = None, headers: dict | None = None):

@@ -19,6 +19,7 @@ from router.embeds import (
     decode_raw_embeds,
     decode_torch_save_bytes,
 )
+from sparse_payloads import coo, csc, csr, forged_sparse, torch_dense
 from torch_save_layout import (Archive, build, case_collision, legacy_bytearray_bomb, opcode_flood,
                                records_of, saved, with_pickle)
 
@@ -173,29 +174,191 @@ def test_float64_overflowing_float32_is_refused():
     assert "NaN or infinite" in refused(b64_of(torch.full((2, HIDDEN), 1e300, dtype=torch.float64)))
 
 
-# --- not a plain dense tensor -------------------------------------------------------------------
+# --- sparse tensors: accepted as vLLM accepts them, checked before they are densified -----------
 
-@pytest.mark.parametrize("to_sparse", [
-    lambda t: t.to_sparse(),
-    lambda t: t.to_sparse_csr(),
-    lambda t: t.to_sparse_csc(),
-    lambda t: t.to_sparse_bsr((2, 2)),
-    lambda t: t.to_sparse_bsc((2, 2)),
-], ids=["coo", "csr", "csc", "bsr", "bsc"])
-def test_sparse_layouts_are_refused(to_sparse):
-    t = torch.zeros(4, HIDDEN)
-    t[1, 3] = 1.0
-    assert "sparse" in refused(b64_of(to_sparse(t)))
+SPARSE_LAYOUTS = {"coo": lambda t: t.to_sparse(), "csr": lambda t: t.to_sparse_csr(),
+                  "csc": lambda t: t.to_sparse_csc()}
 
 
-def test_huge_sparse_tensor_is_refused_without_densifying():
-    # Dense it would be 2**24 x 8 float32 = 512 MiB; sparse it is a few hundred bytes. Densifying
-    # would blow far past the 1 MiB cap; the refusal must come from the layout, not memory.
+def sparse_source(seq_len: int = 5) -> torch.Tensor:
+    t = torch.randn(seq_len, HIDDEN)
+    return t * (torch.rand(seq_len, HIDDEN) < 0.4)  # mostly zeros, as a client would sparsify
+
+
+def dense_as_decoded(t: torch.Tensor) -> np.ndarray:
+    t = t.to_dense() if t.layout != torch.strided else t
+    t = t.reshape(-1, HIDDEN)
+    return (t if t.dtype == torch.float16 else t.to(torch.float32)).numpy()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", SPARSE_LAYOUTS)
+@pytest.mark.parametrize("seq_len", [1, 2, 10])
+def test_sparse_layouts_decode_to_their_dense_form(layout, dtype, seq_len):
+    t = SPARSE_LAYOUTS[layout](sparse_source(seq_len).to(dtype))
+    out = decode(b64_of(t))
+    assert out.dtype == (np.float16 if dtype == torch.float16 else np.float32)
+    assert out.flags.c_contiguous and out.shape == (seq_len, HIDDEN)
+    np.testing.assert_array_equal(out, dense_as_decoded(t))
+
+
+@pytest.mark.parametrize("make", [
+    lambda t: t.to_sparse(sparse_dim=1),                # hybrid COO: values are whole rows
+    lambda t: t.unsqueeze(0).to_sparse(),               # (1, seq_len, hidden) COO
+    lambda t: t.unsqueeze(0).to_sparse_csr(),           # batched CSR
+    lambda t: t.unsqueeze(0).to_sparse_csc(),           # batched CSC
+    lambda t: t.unsqueeze(0).to_sparse(sparse_dim=2),   # COO over (1, seq_len), dense rows
+    lambda t: torch.zeros_like(t).to_sparse(),          # no entries at all
+    lambda t: torch.zeros_like(t).to_sparse_csr(),
+    lambda t: t.to_sparse().coalesce(),
+], ids=["coo-hybrid", "coo-rank3", "csr-batched", "csc-batched", "coo-rank3-hybrid", "coo-empty",
+        "csr-empty", "coo-coalesced"])
+def test_other_sparse_forms_torch_writes_decode_too(make):
+    t = make(sparse_source())
+    np.testing.assert_array_equal(decode(b64_of(t)), dense_as_decoded(t))
+
+
+def test_sparse_is_never_unpickled_by_torch(monkeypatch):
+    raw = saved(sparse_source().to_sparse_csr())
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load ran on a sparse payload")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    decode(b64(raw))
+
+
+def test_uncoalesced_coo_duplicates_sum_as_torch_does():
+    raw = coo([[1, 3, 1, 0], [2, 0, 2, 7]], [1.5, 2.0, -4.0, 8.0], (4, HIDDEN))
+    out = decode(b64(raw))
+    assert out[1, 2] == -2.5 and out[3, 0] == 2.0 and out[0, 7] == 8.0
+    np.testing.assert_array_equal(out, torch_dense(raw).numpy())
+
+
+def test_unsorted_coo_indices_are_accepted():
+    raw = coo([[3, 0, 2], [1, 5, 4]], [1.0, 2.0, 3.0], (4, HIDDEN))
+    np.testing.assert_array_equal(decode(b64(raw)), torch_dense(raw).numpy())
+
+
+def test_neg_bit_on_sparse_values_is_resolved():
+    values = torch._neg_view(torch.tensor([1.0, -2.0]))
+    raw = forged_sparse("coo", (torch.tensor([[0, 1], [3, 4]]), values), (2, HIDDEN), False)
+    out = decode(b64(raw))
+    assert out[0, 3] == -1.0 and out[1, 4] == 2.0
+
+
+@pytest.mark.parametrize("make", [lambda t: t.to_sparse_bsr((2, 2)), lambda t: t.to_sparse_bsc((2, 2))],
+                         ids=["bsr", "bsc"])
+def test_block_sparse_layouts_are_refused(make):
+    assert "COO, CSR or CSC" in refused(b64_of(make(sparse_source(4))))
+
+
+def test_huge_sparse_shape_is_413_before_densifying():
+    # Dense it would be 2**24 x 8 float32 = 512 MiB; sparse it is a few hundred bytes. The refusal
+    # comes from the declared shape, before anything of that size is allocated.
     indices = torch.tensor([[0, 2**24 - 1], [0, HIDDEN - 1]])
     t = torch.sparse_coo_tensor(indices, torch.tensor([1.0, 2.0]), (2**24, HIDDEN))
     payload = b64_of(t)
     assert len(payload) < 4096
-    assert "sparse" in refused(payload)
+    assert "dense form" in refused(payload, status=413)
+
+
+def test_sparse_dense_size_uses_the_same_cap_as_dense_input():
+    t = torch.zeros(8, HIDDEN)  # 8 x 8 float32: 256 bytes dense, its sparse parts far fewer
+    t[2, 3], t[7, 0] = 1.0, -2.0
+    for layout, make in SPARSE_LAYOUTS.items():
+        refused(b64_of(make(t)), status=413, max_bytes=255)
+        decode(b64_of(make(t)), max_bytes=256)
+    refused(b64_of(t), status=413, max_bytes=255)
+
+
+def test_integer_and_complex_sparse_tensors_are_refused():
+    t = torch.zeros(3, HIDDEN, dtype=torch.int64)
+    t[1, 1] = 4
+    assert "float32, bfloat16, float16 or float64" in refused(b64_of(t.to_sparse()))
+    assert "float32, bfloat16" in refused(b64_of(torch.randn(3, HIDDEN, dtype=torch.complex64).to_sparse()))
+
+
+def test_zero_stride_index_view_declaring_megabytes_is_413():
+    indices = torch.zeros(1, dtype=torch.int64).expand(2, 10**6)  # 16 MB declared, 8 bytes sent
+    raw = coo(indices, torch.zeros(1).expand(10**6), (4, HIDDEN))
+    assert len(raw) < 4096
+    assert "declared tensor" in refused(b64(raw), status=413)
+
+
+def test_sparse_with_wrong_hidden_size_names_expected_shape():
+    msg = refused(b64_of(torch.randn(3, HIDDEN + 1).to_sparse_csr()))
+    assert f"(seq_len, {HIDDEN})" in msg
+
+
+# Hostile sparse tensors: each was writable by torch.save; each must be a 400 before any dense
+# tensor exists. (torch itself densifies most of them out of bounds without its invariant check.)
+HOSTILE_SPARSE = {
+    "coo-row-out-of-range": coo([[0, 4], [0, 1]], [1.0, 2.0], (4, HIDDEN)),
+    "coo-col-out-of-range": coo([[0, 1], [0, HIDDEN]], [1.0, 2.0], (4, HIDDEN)),
+    "coo-far-out-of-range": coo([[0, 2**40], [0, 1]], [1.0, 2.0], (4, HIDDEN)),
+    "coo-negative": coo([[0, -1], [0, 1]], [1.0, 2.0], (4, HIDDEN)),
+    "coo-most-negative": coo([[0, -2**63], [0, 1]], [1.0, 2.0], (4, HIDDEN)),
+    "coo-more-indices-than-values": coo([[0, 1, 2], [0, 1, 2]], [1.0, 2.0], (4, HIDDEN)),
+    "coo-more-values-than-indices": coo([[0, 1], [0, 1]], [1.0, 2.0, 3.0], (4, HIDDEN)),
+    "coo-nnz-beyond-dense-size": coo(torch.zeros(2, 1000, dtype=torch.int64), torch.ones(1000),
+                                     (4, HIDDEN)),
+    "coo-index-rank-1": coo([0, 1], [1.0, 2.0], (4, HIDDEN)),
+    "coo-too-many-sparse-dims": coo([[0], [0], [0]], [1.0], (4, HIDDEN)),
+    "coo-values-wrong-dense-dims": forged_sparse("coo", (torch.tensor([[0, 1]]), torch.ones(2, 3)),
+                                                 (4, HIDDEN)),
+    "coo-float-indices": forged_sparse("coo", (torch.tensor([[0.0], [1.0]]), torch.ones(1)),
+                                       (4, HIDDEN)),
+    "coo-int32-values": coo([[0], [1]], torch.ones(1, dtype=torch.int32), (4, HIDDEN)),
+    "csr-crow-not-from-0": csr([1, 1, 2, 2, 2], [0, 1], [1.0, 2.0], (4, HIDDEN)),
+    "csr-crow-decreasing": csr([0, 2, 1, 2, 2], [0, 1], [1.0, 2.0], (4, HIDDEN)),
+    "csr-crow-not-ending-at-nnz": csr([0, 1, 1, 1, 1], [0, 1], [1.0, 2.0], (4, HIDDEN)),
+    "csr-crow-past-nnz": csr([0, 1, 2, 3, 9], [0, 1], [1.0, 2.0], (4, HIDDEN)),
+    "csr-crow-too-short": csr([0, 2], [0, 1], [1.0, 2.0], (4, HIDDEN)),
+    "csr-col-out-of-range": csr([0, 1, 2, 2, 2], [0, HIDDEN], [1.0, 2.0], (4, HIDDEN)),
+    "csr-col-negative": csr([0, 1, 2, 2, 2], [0, -3], [1.0, 2.0], (4, HIDDEN)),
+    "csr-col-unsorted": csr([0, 2, 2, 2, 2], [5, 1], [1.0, 2.0], (4, HIDDEN)),
+    "csr-col-duplicate": csr([0, 2, 2, 2, 2], [3, 3], [1.0, 2.0], (4, HIDDEN)),
+    "csr-more-values-than-cols": csr([0, 1, 2, 2, 2], [0, 1], [1.0, 2.0, 3.0], (4, HIDDEN)),
+    "csr-index-dtypes-differ": csr([0, 1, 2, 2, 2], torch.tensor([0, 1], dtype=torch.int32),
+                                   [1.0, 2.0], (4, HIDDEN)),
+    "csr-batch-mismatch": csr([[0, 1, 1, 1, 1]], [0], [1.0], (1, 4, HIDDEN)),
+    "csc-row-out-of-range": csc([0, 1, 1, 1, 1, 1, 1, 1, 1], [4], [1.0], (4, HIDDEN)),
+    "csc-ccol-not-ending-at-nnz": csc([0, 1, 1, 1, 1, 1, 1, 1, 0], [0], [1.0], (4, HIDDEN)),
+    "csc-row-duplicate": csc([0, 2, 2, 2, 2, 2, 2, 2, 2], [1, 1], [1.0, 2.0], (4, HIDDEN)),
+    "csr-negative-size": csr([0, 0], torch.zeros(0, dtype=torch.int64), torch.zeros(0), (1, -HIDDEN)),
+    "coo-falsely-coalesced": coo([[1, 0], [0, 0]], [1.0, 2.0], (4, HIDDEN), coalesced=True),
+    "coo-falsely-coalesced-duplicate": coo([[2, 2], [5, 5]], [1.0, 2.0], (4, HIDDEN),
+                                           coalesced=True),
+    "coo-zero-stride-indices": coo(torch.zeros(1, dtype=torch.int64).expand(2, 1000),
+                                   torch.zeros(1).expand(1000), (4, HIDDEN)),
+    "csr-with-coalesced-flag": forged_sparse(
+        "csr", (torch.tensor([0, 0]), torch.zeros(0, dtype=torch.int64), torch.zeros(0)),
+        (1, HIDDEN), coalesced=True),
+}
+
+
+@pytest.mark.parametrize("payload", HOSTILE_SPARSE.values(), ids=HOSTILE_SPARSE.keys())
+def test_hostile_sparse_tensors_are_refused_before_densifying(payload, monkeypatch):
+    calls = []
+    real_zeros = torch.zeros
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: calls.append(a) or real_zeros(*a, **k))
+    msg = refused(b64(payload))
+    assert not calls, f"a dense tensor was allocated for a refused payload: {msg}"
+    assert len(msg) < 600
+
+
+def test_hostile_sparse_refusals_agree_with_torchs_invariant_check():
+    """Each hostile payload is one torch refuses too when it checks (nnz beyond the positions
+    aside: torch sums such duplicates, raylm refuses them)."""
+    for name, payload in HOSTILE_SPARSE.items():
+        if name in ("coo-nnz-beyond-dense-size", "coo-int32-values", "csr-negative-size",
+                    "coo-float-indices", "csr-with-coalesced-flag",
+                    "coo-zero-stride-indices"):
+            continue
+        with pytest.raises(Exception):
+            torch_dense(payload)
+        assert name
 
 
 def test_quantized_and_nested_tensors_are_refused():

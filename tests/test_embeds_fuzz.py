@@ -1,9 +1,11 @@
 """Structure-level fuzzing of the embeds decoder and the msgpack codec (hypothesis, seeded).
 
 Not random bit flips: each case changes the zip headers field by field, the archive's record list,
-the pickle opcode by opcode, or a msgpack body's containers and declared lengths. Whatever comes
-out, the decoder answers with its own error (400 or 413) or with a tensor that is what torch.save
-wrote; never another exception, never code run, never a result larger than the cap.
+the pickle opcode by opcode, a sparse tensor's parts (indices, lengths, sizes), or a msgpack body's
+containers and declared lengths. Whatever comes out, the decoder answers with its own error (400
+or 413) or with a tensor that is what torch.save wrote (a sparse one densified as torch densifies
+it after checking its invariants); never another exception, never code run, never a result larger
+than the cap.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 
 from router.embeds import EmbedsError, decode_raw_embeds, decode_torch_save_bytes
 from router.msgpack_codec import MsgpackBodyError, decode_msgpack_body
+from sparse_payloads import forged_sparse, torch_dense
 from torch_save_layout import Archive, build, pickle_ops, records_of, saved, with_pickle
 
 HIDDEN = 8
@@ -42,8 +45,9 @@ def decode(raw: bytes):
 
 
 def assert_same_as_torch(out: np.ndarray, raw: bytes) -> None:
-    """An accepted payload decodes to what torch.load makes of the same bytes, within the cap."""
-    ref = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu").detach().resolve_neg()
+    """An accepted payload decodes to what torch.load makes of the same bytes (a sparse one
+    checked and densified), within the cap."""
+    ref = torch_dense(raw).detach().resolve_neg()
     ref = ref.reshape(out.shape).to(torch.float16 if ref.dtype == torch.float16 else torch.float32)
     np.testing.assert_array_equal(out, ref.numpy())
     assert out.shape[1] == HIDDEN and out.nbytes <= 2 * CAP and np.isfinite(out).all()
@@ -58,9 +62,16 @@ def no_code_runs():
 
 # --- sources: what torch.save writes for tensors the decoder accepts ---------------------------
 
+def sparse_rows(n: int) -> torch.Tensor:
+    return torch.randn(n, HIDDEN) * (torch.arange(n * HIDDEN).reshape(n, HIDDEN) % 3 == 0)
+
+
 TENSORS = [torch.randn(3, HIDDEN), torch.randn(1, 2, HIDDEN).bfloat16(),
            torch.nn.Parameter(torch.randn(2, HIDDEN)), torch._neg_view(torch.randn(2, HIDDEN)),
-           torch.randn(4, 2 * HIDDEN)[:, ::2], torch.randn(2, HIDDEN).half()]
+           torch.randn(4, 2 * HIDDEN)[:, ::2], torch.randn(2, HIDDEN).half(),
+           sparse_rows(3).to_sparse(), sparse_rows(3).bfloat16().to_sparse_csr(),
+           sparse_rows(2).half().to_sparse_csc(), sparse_rows(2).unsqueeze(0).to_sparse_csr(),
+           sparse_rows(3).to_sparse(sparse_dim=1)]
 SOURCES = [(t, records_of(saved(t))) for t in TENSORS]
 ARCHIVES = [(t, build(records, torch_layout=layout)) for t, records in SOURCES
             for layout in (True, False)]
@@ -68,6 +79,7 @@ ARCHIVES = [(t, build(records, torch_layout=layout)) for t, records in SOURCES
 
 def expected(t: torch.Tensor) -> np.ndarray:
     t = t.detach().resolve_neg()
+    t = t.to_dense() if t.layout != torch.strided else t
     return t.reshape(-1, HIDDEN).to(torch.float16 if t.dtype == torch.float16 else torch.float32).numpy()
 
 
@@ -123,8 +135,9 @@ ALLOWED_BELOW = {"data.pkl", "byteorder", "version", ".format_version", ".storag
                  ".data/serialization_id"}
 
 
-def names_are_torch_save_names(names: list[str]) -> bool:
-    """An independent statement of the rule the decoder enforces on record names."""
+def names_are_torch_save_names(names: list[str], data_records: int) -> bool:
+    """An independent statement of the rule the decoder enforces on record names (a dense tensor
+    has one data record, a sparse one one per part)."""
     tops = {n.split("/", 1)[0] for n in names}
     if len(tops) != 1 or len({n.lower() for n in names}) != len(names):
         return False
@@ -132,7 +145,7 @@ def names_are_torch_save_names(names: list[str]) -> bool:
     data = [b for b in below if b is not None and b.startswith("data/")]
     ok = all(b in ALLOWED_BELOW or (b and b.startswith("data/") and b[5:].isascii()
                                     and b[5:].isdigit()) for b in below)
-    return ok and "data.pkl" in below and len(data) == 1
+    return ok and "data.pkl" in below and "version" in below and len(data) == data_records
 
 
 @st.composite
@@ -170,7 +183,8 @@ def test_record_lists_and_bytes_around_the_archive(data):
     before, after = data.draw(st.sampled_from(JUNK)), data.draw(st.sampled_from(JUNK))
     raw = before + build(changed, torch_layout=data.draw(st.booleans())).raw + after
     out = decode(raw)
-    must_refuse = before or after or not names_are_torch_save_names([n for n, _ in changed])
+    parts = sum(1 for n, _ in records if "/data/" in n)
+    must_refuse = before or after or not names_are_torch_save_names([n for n, _ in changed], parts)
     if must_refuse:
         assert isinstance(out, EmbedsError), [n for n, _ in changed]
     elif not isinstance(out, EmbedsError):
@@ -266,6 +280,87 @@ def test_pickle_opcodes(data):
     out = decode(raw)
     if not isinstance(out, EmbedsError):
         assert_same_as_torch(out, raw)
+
+
+# --- sparse parts: indices, lengths and sizes ---------------------------------------------------
+
+INDEX_VALUES = [0, 1, 2, 3, 5, 7, 8, 9, -1, -2, 2 ** 31, 2 ** 62, -2 ** 63]
+SPARSE_PARTS = {"coo": lambda t: (t._indices(), t._values()),
+                "csr": lambda t: (t.crow_indices(), t.col_indices(), t.values()),
+                "csc": lambda t: (t.ccol_indices(), t.row_indices(), t.values())}
+
+
+def mutate_part(draw, part: torch.Tensor) -> torch.Tensor:
+    """One change along a part's last dimension: a value set, an entry dropped, duplicated or
+    two swapped."""
+    part = part.clone()
+    n = part.shape[-1]
+    action = draw(st.sampled_from(["set", "drop", "append", "swap"]))
+    if action == "set" and n:
+        if part.is_floating_point():
+            value = draw(st.sampled_from([0.0, -1.5, 1e4, float("nan"), float("inf")]))
+        else:
+            info = torch.iinfo(part.dtype)
+            value = min(max(draw(st.sampled_from(INDEX_VALUES)), info.min), info.max)
+        part[..., draw(st.integers(0, n - 1))] = value
+    elif action == "drop" and n:
+        part = part[..., :-1]
+    elif action == "append" and n:
+        part = torch.cat([part, part[..., -1:]], dim=-1)
+    elif action == "swap" and n > 1:
+        i, j = draw(st.integers(0, n - 1)), draw(st.integers(0, n - 1))
+        part[..., [i, j]] = part[..., [j, i]]
+    return part.contiguous()
+
+
+@st.composite
+def sparse_payloads(draw) -> bytes:
+    """A valid sparse tensor as torch makes it, then up to three changes to its parts, its
+    index dtype, its coalesced flag or its size."""
+    layout = draw(st.sampled_from(list(SPARSE_PARTS)))
+    rows, cols = draw(st.integers(1, 5)), draw(st.sampled_from([HIDDEN] * 4 + [3]))
+    dtype = draw(st.sampled_from([torch.float32, torch.bfloat16, torch.float16]))
+    mask = draw(st.lists(st.booleans(), min_size=rows * cols, max_size=rows * cols))
+    dense = (torch.randn(rows, cols) * torch.tensor(mask).reshape(rows, cols)).to(dtype)
+    made = {"coo": dense.to_sparse, "csr": dense.to_sparse_csr, "csc": dense.to_sparse_csc}[layout]()
+    parts, size = list(SPARSE_PARTS[layout](made)), [rows, cols]
+    coalesced = made.is_coalesced() if layout == "coo" else None
+    for _ in range(draw(st.integers(0, 3))):
+        change = draw(st.sampled_from(["part", "part", "part", "int32", "coalesced", "size"]))
+        if change == "part":
+            k = draw(st.integers(0, len(parts) - 1))
+            parts[k] = mutate_part(draw, parts[k])
+        elif change == "int32":
+            parts[:-1] = [p.to(torch.int32) for p in parts[:-1]]
+        elif change == "coalesced" and coalesced is not None:
+            coalesced = not coalesced
+        elif change == "size":
+            size[draw(st.integers(0, 1))] += draw(st.sampled_from([-1, 1, 2 ** 20]))
+    return forged_sparse(layout, tuple(parts), tuple(size), coalesced)
+
+
+def torch_accepts(raw: bytes) -> torch.Tensor | None:
+    try:
+        return torch_dense(raw)
+    except Exception:  # noqa: BLE001 - torch raises many types for invalid sparse tensors
+        return None
+
+
+@seed(20261204)
+@fuzz_settings(600)
+@given(raw=sparse_payloads())
+def test_sparse_parts(raw):
+    out = decode(raw)
+    ref = torch_accepts(raw)
+    if not isinstance(out, EmbedsError):  # accepted: torch, checking, accepts it and agrees
+        assert ref is not None, "raylm densified a sparse tensor torch finds invalid"
+        assert_same_as_torch(out, raw)
+        return
+    # Refused: torch finds it invalid too, or it breaks a rule of raylm's own (a shape other than
+    # (seq_len, hidden), more COO entries than positions, non-finite values, the size cap).
+    if ref is not None and ref.dim() == 2 and ref.shape[0] > 0 and ref.shape[1] == HIDDEN:
+        own_rules = ("entries, more than", "NaN or infinite", "too large")
+        assert any(rule in out.message for rule in own_rules), out.message
 
 
 # --- msgpack raw entries and bodies -------------------------------------------------------------
