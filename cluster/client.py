@@ -4,6 +4,12 @@
     client = connect()                                   # the "raylm" app on the current cluster
     ref = client.submit({"prompt_embeds": ray.put(t)}, SamplingParams(max_tokens=16))
     out = ray.get(ref)                                   # a RequestOutput
+    ref = client.submit_chat([{"role": "user", "content": [
+        {"type": "text", "text": "Describe:"}, {"type": "prompt_embeds", "data": t}]}], params)
+
+Prompts take the offline LLM's forms, plus `{"prompt_segments": [ids, embeds, ids, ...]}` and
+`{"messages": [...]}` (a chat: rendered here with the model's chat template, fetched once from a
+replica; tensor parts' rows are spliced in and travel stacked as one top-level array).
 
 Requests go straight to the `Replica` deployment through a Serve handle, so they are routed by
 the same PrefixAffinityRouter as HTTP requests. Prompt embeds travel as a top-level argument:
@@ -12,16 +18,18 @@ an ObjectRef you `ray.put` once is resolved by Ray on the replica's node (zero-c
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 import ray
 from ray import serve
 
+from replicas.chat_template import chat_prompt
 from replicas.deployment import CompletionDelta, GenerateRequest, ReplicaTarget
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
+from replicas.segments import pack_segments
 from router.routing import prefix_keys, request_router_of
 
 DEFAULT_APP_NAME = "raylm"  # cluster.app's default application name
@@ -65,13 +73,31 @@ def _embeds_arg(embeds: Any) -> Any:
 class Client:
     app_name: str
     handle: Any  # DeploymentHandle of the Replica deployment
+    _tokenizer: Any = field(default=None, repr=False)  # for chat templates, fetched once
+    _info: Any = field(default=None, repr=False)
+
+    def _chat_prompt(self, chat: dict) -> dict:
+        if self._tokenizer is None:
+            self._tokenizer = self.handle.tokenizer.remote().result(timeout_s=60)
+            self._info = self.model_info()
+        return chat_prompt(self._tokenizer, chat["messages"], hidden_size=self._info.hidden_size,
+                           add_generation_prompt=chat.get("add_generation_prompt", True),
+                           template_kwargs=chat.get("chat_template_kwargs"))
 
     def _request(self, prompt: Any, params: SamplingParams | None, request_id: str | None):
+        request_id = request_id or f"client-{uuid.uuid4().hex}"
+        if isinstance(prompt, dict) and "messages" in prompt:
+            prompt = self._chat_prompt(prompt)
+        if isinstance(prompt, dict) and "prompt_segments" in prompt:
+            segments = [s if isinstance(s, (list, tuple)) else _embeds_arg(s) for s in prompt["prompt_segments"]]
+            wire, embeds = pack_segments(segments)
+            lead = wire[0] if wire and isinstance(wire[0], list) else []
+            return GenerateRequest(request_id=request_id, prompt=None, params=params or SamplingParams(),
+                                   prefix_keys=prefix_keys(lead), prompt_segments=wire), embeds
         text, embeds = _split_prompt(prompt)
         embeds = _embeds_arg(embeds)
         keys = prefix_keys(text, embeds if isinstance(embeds, np.ndarray) else None)
-        req = GenerateRequest(request_id=request_id or f"client-{uuid.uuid4().hex}", prompt=text,
-                              params=params or SamplingParams(), prefix_keys=keys)
+        req = GenerateRequest(request_id=request_id, prompt=text, params=params or SamplingParams(), prefix_keys=keys)
         return req, embeds
 
     def submit(self, prompt: Any, params: SamplingParams | None = None, *,
@@ -79,6 +105,15 @@ class Client:
         """Send one prompt; `ray.get` of the returned ref is its finished RequestOutput."""
         req, embeds = self._request(prompt, params, request_id)
         return self.handle.complete.remote(req, embeds)._to_object_ref_sync()
+
+    def submit_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
+                    request_id: str | None = None, add_generation_prompt: bool = True,
+                    chat_template_kwargs: dict | None = None) -> ray.ObjectRef:
+        """Send one conversation (as `LLM.chat`; `{"type": "prompt_embeds", "data": tensor}` parts);
+        `ray.get` of the returned ref is its finished RequestOutput."""
+        chat = {"messages": messages, "add_generation_prompt": add_generation_prompt,
+                "chat_template_kwargs": chat_template_kwargs}
+        return self.submit(chat, params, request_id=request_id)
 
     def generate(self, prompts: Any, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  *, timeout: float | None = None) -> list[RequestOutput]:

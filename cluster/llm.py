@@ -7,6 +7,7 @@ from collections.abc import Sequence as SequenceABC
 import torch
 from tqdm.auto import tqdm
 
+from replicas.chat_template import chat_prompt
 from replicas.engine import LLMEngine
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
@@ -32,6 +33,19 @@ class LLM:
         if isinstance(token_ids, torch.Tensor):
             token_ids = token_ids.reshape(-1).tolist()
         return self.engine.input_embeddings(list(token_ids))
+
+    def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+             use_tqdm: bool = True, *, chat_template: str | None = None, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of messages) or a list of conversations, as
+        vLLM's `LLM.chat`. A message's content is a string or a list of parts: `{"type": "text", ...}`
+        and `{"type": "prompt_embeds", "data": tensor}` (rows of the model's input embeddings)."""
+        many = isinstance(messages, (list, tuple)) and messages and isinstance(messages[0], (list, tuple))
+        conversations = list(messages) if many else [messages]
+        prompts = [chat_prompt(self.engine.tokenizer, c, hidden_size=self.engine.model_config.hidden_size,
+                               chat_template=chat_template, add_generation_prompt=add_generation_prompt,
+                               template_kwargs=chat_template_kwargs) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:

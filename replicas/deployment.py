@@ -20,6 +20,7 @@ from ray import serve
 from replicas.async_engine import EngineDeadError
 from replicas.outputs import Logprob, RequestOutput
 from replicas.sampling_params import SamplingParams
+from replicas.segments import unpack_segments
 
 
 # -- what crosses the handle boundary -----------------------------------------------------------
@@ -30,6 +31,8 @@ class GenerateRequest:
     params: SamplingParams
     prefix_keys: list[str] = field(default_factory=list)  # read by router.routing for affinity
     echo: bool = False  # the accepted chunk then carries the prompt's text
+    # A segmented prompt: token-id lists and row counts of the embeds argument (replicas.segments).
+    prompt_segments: list | None = None
 
 
 @dataclass
@@ -169,6 +172,9 @@ class Replica:
             if isinstance(prompt_embeds, ray.ObjectRef):  # passed nested by a caller: fetch it
                 prompt_embeds = await prompt_embeds
             self._embeds_types.append((request.request_id, _embeds_type_name(prompt_embeds)))
+        if request.prompt_segments is not None:
+            return {"prompt_segments": unpack_segments(request.prompt_segments, prompt_embeds)}
+        if prompt_embeds is not None:
             return {"prompt_embeds": prompt_embeds}
         if isinstance(request.prompt, str):
             return request.prompt
@@ -271,6 +277,10 @@ class Replica:
             vocab_size=mc.vocab_size, device=str(self.engine.device), dtype=str(dtype),
             replica_id=self.replica_id, node_id=ray.get_runtime_context().get_node_id(),
         )
+
+    def tokenizer(self):
+        """The model's tokenizer (routers render chat templates with it)."""
+        return self.engine.tokenizer
 
     def embeds_types_seen(self) -> list[tuple[str, str]]:
         """(request_id, python type of the prompt_embeds argument) of recent embeds requests."""

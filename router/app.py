@@ -24,6 +24,9 @@ from ray import serve
 
 from replicas.deployment import GenerateChunk, GenerateRequest, ModelInfo
 from router import errors
+from router.chat import build_chat_prompt
+from router.chat_responses import ChatChoice, ChatHeader
+from router.chat_schemas import ChatCompletionRequest
 from router.embeds import EmbedsError, decode_embeds_entry
 from router.errors import APIError, bad_request, quote, unavailable
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -99,6 +102,7 @@ class Router:
         self.max_prompts = max_prompts
         self.metrics = Metrics(self._replica_stats)
         self._info: ModelInfo | None = None
+        self._tokenizer = None
         self._info_lock: asyncio.Lock | None = None
 
     # -- shared state -------------------------------------------------------------------------
@@ -106,16 +110,21 @@ class Router:
         r = request_router_of(self.replicas)
         return r.replica_stats() if r is not None else {}
 
-    async def _model_info(self) -> ModelInfo:
-        if self._info is None:
+    async def _from_replica(self, attr: str, method: str):
+        """A model fact every replica shares (its info, its tokenizer): asked once, then kept."""
+        if getattr(self, attr) is None:
             self._info_lock = self._info_lock or asyncio.Lock()
             async with self._info_lock:
-                if self._info is None:
+                if getattr(self, attr) is None:
                     try:
-                        self._info = await asyncio.wait_for(self.replicas.model_info.remote(), timeout=60)
+                        value = await asyncio.wait_for(getattr(self.replicas, method).remote(), timeout=60)
                     except (asyncio.TimeoutError, ray.exceptions.RayError, serve.exceptions.RayServeException):
                         raise unavailable("no replica answered; the model may still be loading") from None
-        return self._info
+                    setattr(self, attr, value)
+        return getattr(self, attr)
+
+    async def _model_info(self) -> ModelInfo:
+        return await self._from_replica("_info", "model_info")
 
     def _model_names(self, info: ModelInfo) -> list[str]:
         return [info.name] + [n for n in self.extra_model_names if n != info.name]
@@ -326,9 +335,7 @@ class Router:
                     remaining -= 1
                     for c in job.choices:  # exactly one finish_reason per choice, whatever happened
                         if c.finish_reason is None:
-                            c.finish_reason = "abort"
-                            yield _sse_event(header.chunk([{"index": c.index, "text": "", "logprobs": None,
-                                                            "finish_reason": "abort", "stop_reason": None}]))
+                            yield _sse_event(header.chunk([c.aborted()]))
                     continue
                 if isinstance(item, BaseException):
                     err = item if isinstance(item, APIError) else APIError(
@@ -354,31 +361,15 @@ class Router:
     def _partial_usage(jobs: list[PromptJob]) -> dict:
         return usage(sum(j.num_prompt_tokens for j in jobs), sum(c.num_tokens for j in jobs for c in j.choices))
 
-    # -- endpoints ----------------------------------------------------------------------------
-    @app.post("/v1/completions")
-    async def completions(self, request: Request):
+    # -- answering ----------------------------------------------------------------------------
+    async def _answer(self, request: Request, respond) -> Response:
+        """Auth and body, then `respond(request, body, t0)`; the request is counted by its status."""
         t0 = time.perf_counter()
         status = 200
         try:
             self._check_auth(request)
             body = await self._read_body(request)
-            req = CompletionRequest.model_validate(body)
-            info = await self._model_info()
-            if req.model is not None and req.model not in self._model_names(info):
-                raise APIError(f"the model {quote(req.model)} does not exist", 404, param="model",
-                               code="model_not_found")
-            request_id = f"cmpl-{uuid.uuid4().hex}"
-            jobs = await self._jobs(req, info, request_id)
-            await self._start(jobs, req.stream)
-            header = CompletionHeader(id=request_id, model=req.model or info.name)
-            if req.stream:
-                return StreamingResponse(self._sse(jobs, header, req, t0), media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Request-Id": request_id})
-            await self._collect(jobs, t0)
-            result = header.completion([c.final() for j in jobs for c in j.choices], self._account(jobs, t0))
-            if MSGPACK_CONTENT_TYPE in request.headers.get("accept", ""):
-                return Response(encode_msgpack_response(result), media_type=MSGPACK_CONTENT_TYPE)
-            return JSONResponse(result)
+            return await respond(request, body, t0)
         except APIError as e:
             status = e.status
             raise
@@ -390,6 +381,65 @@ class Router:
             raise
         finally:
             self.metrics.requests.labels(status=str(status)).inc()
+
+    async def _checked_model_info(self, model: str | None) -> ModelInfo:
+        info = await self._model_info()
+        if model is not None and model not in self._model_names(info):
+            raise APIError(f"the model {quote(model)} does not exist", 404, param="model", code="model_not_found")
+        return info
+
+    async def _respond(self, request: Request, jobs: list[PromptJob], header, req, t0: float) -> Response:
+        """Stream the jobs' output as SSE, or collect it into one JSON (or msgpack) body."""
+        if req.stream:
+            return StreamingResponse(self._sse(jobs, header, req, t0), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": header.id})
+        await self._collect(jobs, t0)
+        result = header.completion([c.final() for j in jobs for c in j.choices], self._account(jobs, t0))
+        if MSGPACK_CONTENT_TYPE in request.headers.get("accept", ""):
+            return Response(encode_msgpack_response(result), media_type=MSGPACK_CONTENT_TYPE)
+        return JSONResponse(result)
+
+    # -- endpoints ----------------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._answer(request, self._complete)
+
+    async def _complete(self, request: Request, body: dict, t0: float) -> Response:
+        req = CompletionRequest.model_validate(body)
+        info = await self._checked_model_info(req.model)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        jobs = await self._jobs(req, info, request_id)
+        await self._start(jobs, req.stream)
+        return await self._respond(request, jobs, CompletionHeader(id=request_id, model=req.model or info.name),
+                                   req, t0)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._answer(request, self._chat)
+
+    async def _chat(self, request: Request, body: dict, t0: float) -> Response:
+        req = ChatCompletionRequest.model_validate(body)
+        req.check_supported()
+        try:
+            params = req.sampling_params()
+        except (ValueError, TypeError) as e:
+            raise bad_request(str(e)) from None
+        info = await self._checked_model_info(req.model)
+        tokenizer = await self._from_replica("_tokenizer", "tokenizer")
+        prompt = await asyncio.to_thread(build_chat_prompt, req, tokenizer, info, max_tokens=params.max_tokens,
+                                         max_embeds_bytes=self.max_embeds_bytes)
+        if prompt.num_tokens > info.max_model_len - (params.max_tokens or 1):
+            raise bad_request(_too_long("the chat prompt", prompt.num_tokens, params.max_tokens, info.max_model_len),
+                              "messages")
+        request_id = f"chatcmpl-{uuid.uuid4().hex}"
+        greq = GenerateRequest(request_id=f"{request_id}-0", prompt=prompt.token_ids, params=params,
+                               prefix_keys=prompt.prefix_keys, prompt_segments=prompt.segments)
+        choices = [ChatChoice(index=k, want_logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
+                   for k in range(params.n)]
+        ref = await asyncio.to_thread(ray.put, prompt.embeds) if prompt.embeds is not None else None
+        jobs = [PromptJob(index=0, request=greq, embeds_ref=ref, choices=choices)]
+        await self._start(jobs, req.stream)
+        return await self._respond(request, jobs, ChatHeader(id=request_id, model=req.model or info.name), req, t0)
 
     @app.get("/v1/models")
     async def models(self, request: Request):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from replicas.deployment import CompletionDelta
 
@@ -114,6 +115,11 @@ class Choice:
             out["prompt_logprobs"] = self.prompt_logprobs
         return out
 
+    def aborted(self) -> dict:
+        """Close a choice that ended without a finish_reason (its stream ended early)."""
+        self.finish_reason = "abort"
+        return {"index": self.index, "text": "", "logprobs": None, "finish_reason": "abort", "stop_reason": None}
+
     def restarted(self) -> "Choice":
         """A fresh choice with the same index and echo (its request is being sent again)."""
         return Choice(index=self.index, echo_prefix=self.echo_prefix, want_logprobs=self.want_logprobs,
@@ -148,11 +154,13 @@ class CompletionHeader:
     id: str
     model: str
     created: int = field(default_factory=lambda: int(time.time()))
+    OBJECT: ClassVar[str] = "text_completion"  # the body's "object"
+    CHUNK_OBJECT: ClassVar[str] = "text_completion"  # a streamed chunk's "object"
 
     def completion(self, choices: list[dict], usage_: dict) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+        return {"id": self.id, "object": self.OBJECT, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage_}
 
     def chunk(self, choices: list[dict], usage_: dict | None = None) -> dict:
-        return {"id": self.id, "object": "text_completion", "created": self.created, "model": self.model,
+        return {"id": self.id, "object": self.CHUNK_OBJECT, "created": self.created, "model": self.model,
                 "choices": choices, "usage": usage_}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import shutil
@@ -77,6 +78,24 @@ def wait_healthy(base_url: str, timeout_s: float = 180) -> None:
             last = repr(e)
         time.sleep(0.5)
     raise TimeoutError(f"{base_url} not healthy after {timeout_s}s: {last}")
+
+
+@contextlib.contextmanager
+def serving(tag: str, app_args: dict, num_cpus: int = 2):
+    """A private Ray cluster with Serve on a free port running `cluster.app.run(app_args)`, torn
+    down when the block ends; yields the base URL once /health answers."""
+    tmp = start_ray(tag, num_cpus=num_cpus)
+    try:
+        from cluster.app import run
+
+        port = free_port()
+        start_serve(port)
+        run(app_args)
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base)
+        yield base
+    finally:
+        stop_all(tmp)
 
 
 def b64_embeds(tensor) -> str:
