@@ -37,6 +37,7 @@ from ray.serve.config import RequestRouterConfig
 
 from cluster.client import DEFAULT_APP_NAME
 from replicas.deployment import Replica
+from replicas.parallel.placement import serve_options as tensor_parallel_options
 from router.app import Router
 from router.routing import PrefixAffinityRouter
 
@@ -48,12 +49,12 @@ _KNOWN = {"model", "engine", "num_replicas", "ray_actor_options", "max_replicas_
           "name", "health_check_period_s", "router_actor_options", "num_routers", "routing_stats_period_s"}
 
 
-def _num_replicas(value: Any, actor_options: dict) -> Any:
+def _num_replicas(value: Any, actor_options: dict, ranks: int = 1) -> Any:
     if value != "per_gpu":
         return value
     import ray
 
-    per_replica = float(actor_options.get("num_gpus") or 0)
+    per_replica = float(actor_options.get("num_gpus") or 0) * ranks  # tensor parallel: a GPU per rank
     if per_replica <= 0:
         raise ValueError("num_replicas: per_gpu needs ray_actor_options.num_gpus > 0")
     gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
@@ -69,9 +70,11 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         raise ValueError(f"unknown raylm app arguments: {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}")
 
     actor_options = dict(args.get("ray_actor_options") or {"num_cpus": 0.5})
+    engine = dict(args.get("engine") or {})
+    ranks = int(engine.get("tensor_parallel_size") or 1)
     replica_options: dict[str, Any] = dict(
         name="Replica",
-        num_replicas=_num_replicas(args.get("num_replicas", 1), actor_options),
+        num_replicas=_num_replicas(args.get("num_replicas", 1), actor_options, ranks),
         ray_actor_options=actor_options,
         max_ongoing_requests=int(args.get("max_ongoing_requests", 256)),
         max_queued_requests=int(args.get("max_queued_requests", 512)),
@@ -85,6 +88,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
             request_routing_stats_timeout_s=10,
         ),
     )
+    # Tensor parallel: each replica a placement group of one bundle per rank (it holds the first).
+    replica_options.update(tensor_parallel_options(engine, actor_options))
     if args.get("max_replicas_per_node") is not None:
         replica_options["max_replicas_per_node"] = int(args["max_replicas_per_node"])
     replicas = serve.deployment(Replica).options(**replica_options).bind(args.get("model"), dict(args.get("engine") or {}))

@@ -12,6 +12,10 @@ _DTYPES = {
     "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
 }
 
+# Ray's placement-group strategies: STRICT_PACK keeps a tensor-parallel group on one node, the
+# others let its bundles span nodes.
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+
 
 @dataclass
 class EngineConfig:
@@ -36,6 +40,10 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads on the CPU
     attention_backend: str | None = None  # None: "triton" on CUDA, "torch" (the reference) elsewhere
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
+    # Tensor parallelism: the model sharded over this many devices (a Ray placement group of that
+    # many bundles, rank 0 in this process); STRICT_PACK keeps every bundle on one node.
+    tensor_parallel_size: int = 1
+    placement_group_strategy: str = "STRICT_PACK"
     # Debug: check the KV accounting (kv.check_integrity) whenever the engine goes idle; fails loudly.
     check_kv_integrity: bool = field(default_factory=lambda: os.environ.get("RAYLM_CHECK_KV") == "1")
 
@@ -45,7 +53,17 @@ class EngineConfig:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise TypeError(f"unknown engine arguments: {', '.join(unknown)}")
-        return cls(**kwargs)
+        cfg = cls(**kwargs)
+        cfg.check_parallel()
+        return cfg
+
+    def check_parallel(self) -> None:
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be a positive int, got {self.tensor_parallel_size!r}")
+        if self.placement_group_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(f"placement_group_strategy must be one of {', '.join(PLACEMENT_STRATEGIES)}, "
+                             f"got {self.placement_group_strategy!r}")
 
     def resolve_device(self) -> torch.device:
         if self.device:

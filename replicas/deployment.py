@@ -246,6 +246,10 @@ class Replica:
     def _require_alive(self) -> None:
         if not self.async_engine.is_alive():
             raise EngineDeadError(f"replica {self.replica_id}: {self.async_engine.dead_reason}")
+        try:
+            self.engine.runner.check_health()  # tensor parallel: a worker may fail while the engine idles
+        except RuntimeError as e:
+            raise EngineDeadError(f"replica {self.replica_id}: {e}") from None
 
     # -- state --------------------------------------------------------------------------------
     def get_load(self) -> dict:

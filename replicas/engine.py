@@ -65,7 +65,12 @@ class LLMEngine:
         eos = self.tokenizer.eos_token_id
         if eos is not None and eos not in self.model_config.eos_token_ids:
             self.model_config.eos_token_ids.append(eos)
-        self.runner = ModelRunner(cfg, self.model_config, source, self.device, self.dtype)
+        if cfg.tensor_parallel_size > 1:  # rank 0 here, the other ranks in Ray actors
+            from replicas.parallel.runner import TensorParallelRunner
+            self.runner = TensorParallelRunner(cfg, self.model_config, source, self.device, self.dtype)
+            self.device = self.runner.device  # the GPU Ray gave rank 0
+        else:
+            self.runner = ModelRunner(cfg, self.model_config, source, self.device, self.dtype)
         del source
         self.kv = KVCacheManager(self.runner.num_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, max(cfg.max_num_batched_tokens, 1), cfg.max_num_seqs)

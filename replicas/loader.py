@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,8 @@ class ModelSource:
     name: str
     hf_config: object
     tokenizer: object
-    state_dict: dict[str, torch.Tensor] | None  # None: dummy weights
+    state_dict: Mapping[str, torch.Tensor] | None  # None: dummy weights
+    folder: str | None = None  # where the weights are (tensor-parallel workers read their own pieces)
 
 
 def _cache_root() -> Path:
@@ -76,16 +78,29 @@ def embedded_model_dir() -> str:
     return str(target)
 
 
-def _read_safetensors(folder: str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class SafetensorsWeights(Mapping):
+    """A folder's safetensors by name, each tensor read when it is asked for: a loader holds one
+    tensor at a time (a tensor-parallel rank keeps only its piece of each)."""
 
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not files:
-        raise ValueError(f"no *.safetensors files in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(load_file(f))
-    return state
+    def __init__(self, folder: str):
+        from safetensors import safe_open
+
+        files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+        if not files:
+            raise ValueError(f"no *.safetensors files in {folder}")
+        self._files = {}
+        for f in files:
+            handle = safe_open(f, framework="pt")
+            self._files.update((name, handle) for name in handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._files[name].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
 
 
 def _preset_config(name: str):
@@ -123,4 +138,4 @@ def load_model_source(model: str | None, load_format: str, tokenizer: str | None
     name = EMBEDDED_NAME if model is None else model.rstrip("/")
     config = AutoConfig.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(tokenizer or folder)
-    return ModelSource(name, config, tok, _read_safetensors(folder))
+    return ModelSource(name, config, tok, SafetensorsWeights(folder), folder)

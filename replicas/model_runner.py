@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from replicas.sampler import SampleResult, Sampler
 from replicas.scheduler import SchedulerOutput
 from replicas.sequence import Sequence
 from replicas.step_inputs import PromptLogprobRows, StepBatch, StepInputBuilder
+
+if TYPE_CHECKING:
+    from replicas.parallel.shard import TensorShard
 
 logger = logging.getLogger(__name__)
 
@@ -53,12 +57,16 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, cfg: EngineConfig, model_cfg: ModelConfig, source: ModelSource, device: torch.device,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, shard: "TensorShard | None" = None):
+        """shard: this rank's share of a tensor-parallel model (replicas.parallel); model_cfg then
+        becomes the shape this rank runs (its heads and intermediate rows)."""
+        if shard is not None:
+            model_cfg = shard.local_config()
         self.cfg, self.model_cfg = cfg, model_cfg
         self.device, self.dtype = device, dtype
         self.block_size = cfg.block_size
         with torch.device(device):
-            self.model = LlamaForCausalLM(model_cfg).to(device=device, dtype=dtype)
+            self.model = LlamaForCausalLM(model_cfg, shard).to(device=device, dtype=dtype)
         if source.state_dict is None:
             self.model.init_dummy_weights(cfg.seed)
         else:
@@ -74,6 +82,8 @@ class ModelRunner:
         self.tables = DeviceBlockTables(self.max_seqs, max_blocks_per_seq, device)
         self.inputs = StepInputBuilder(self.max_rows, self.max_seqs, self.block_size, self.tables, device, dtype)
         self.num_blocks = self._num_kv_blocks()
+        if shard is not None:  # every rank holds the same blocks: the smallest budget decides
+            self.num_blocks = shard.group.min_int(self.num_blocks)
         shape = (2, self.num_blocks, self.block_size, model_cfg.num_kv_heads, model_cfg.head_dim)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_cfg.num_layers)]
         self.graphs = self._capture_graphs()
@@ -178,14 +188,8 @@ class ModelRunner:
         finishes, so the host can handle the previous step meanwhile (see collect)."""
         graph_size = self._graph_size(out)
         batch = self.inputs.build(out, pad_to=graph_size, prev_tokens=self._last_tokens)
-        if graph_size is not None:
-            self.model.embed(batch.input_ids, batch.embeds_index, batch.embeds_rows,
-                             out=self.graphs.hidden_in[:graph_size])
-            hidden = self.graphs.replay(graph_size)
-        else:
-            x = self.model.embed(batch.input_ids, batch.embeds_index, batch.embeds_rows)
-            self.backend.prepare(batch.meta)
-            hidden = self.model(x, batch.positions, self.kv_caches, batch.meta, self.backend)
+        self._send_step(batch, graph_size)
+        hidden = self._forward(batch, graph_size)
         prompt_logprobs = [(p.seq, self._prompt_logprobs(hidden, p)) for p in batch.prompt_logprob_rows]
         sampling = [s.seq for s in out.scheduled if s.samples]
         step = LaunchedStep(out, sampling, prompt_logprobs)
@@ -205,6 +209,22 @@ class ModelRunner:
             else:
                 step.host = launched.packed
         return step
+
+    def _forward(self, batch: StepBatch, graph_size: int | None) -> torch.Tensor:
+        """The final-norm hidden states of the step's rows (a captured graph's replay when graph_size)."""
+        if graph_size is not None:
+            self.model.embed(batch.input_ids, batch.embeds_index, batch.embeds_rows,
+                             out=self.graphs.hidden_in[:graph_size])
+            return self.graphs.replay(graph_size)
+        x = self.model.embed(batch.input_ids, batch.embeds_index, batch.embeds_rows)
+        self.backend.prepare(batch.meta)
+        return self.model(x, batch.positions, self.kv_caches, batch.meta, self.backend)
+
+    def _send_step(self, batch: StepBatch, graph_size: int | None) -> None:
+        """Tensor parallel: the other ranks run this step too (replicas.parallel); one device: nothing."""
+
+    def check_health(self) -> None:
+        """Raises once the runner can run no more steps (tensor parallel: a worker failed)."""
 
     def collect(self, step: LaunchedStep) -> StepResult:
         """The step's samples, once its copy to the host has landed."""

@@ -40,6 +40,25 @@ class StepBatch:
     prompt_logprob_rows: list[PromptLogprobRows]
 
 
+@dataclass
+class FilledStep:
+    """How much of each host region one build filled, and the block-table updates it sent."""
+
+    num_rows: int
+    num_seqs: int
+    num_samples: int
+    num_embeds: int
+    max_query_len: int
+    max_seq_len: int
+    updates: list[TableUpdate]
+
+    def lengths(self) -> dict[str, int]:
+        """The filled prefix of each region a rank needs to repeat the step (token ids excepted)."""
+        return {"pos": self.num_rows, "slots": self.num_rows, "q_start": self.num_seqs + 1,
+                "seq_lens": self.num_seqs, "seq_rows": self.num_seqs, "sample_rows": self.num_samples,
+                "embeds_index": self.num_embeds}
+
+
 class _Regions:
     """Offsets of each input inside the flat int64 buffer."""
 
@@ -137,11 +156,32 @@ class StepInputBuilder:
             h["q_start"][num_seqs + 1:pad_to + 1] = np.arange(t + 1, t + extra + 1)
             t, num_seqs = t + extra, pad_to
         num_updates = self._write_updates(h, updates)
+        self.filled = FilledStep(t, num_seqs, num_samples, num_embeds, max(max_q, 1), max(max_len, 1), updates)
+        return self._finish(host, self.filled, num_gathers, num_updates, prev_tokens, embeds, prompt_rows)
+
+    def filled_regions(self) -> dict[str, np.ndarray]:
+        """The host regions the last build filled (what another tensor-parallel rank needs of it)."""
+        h = self.host_arrays[self.turn]
+        return {name: h[name][:n] for name, n in self.filled.lengths().items()}
+
+    def load(self, regions: dict[str, np.ndarray], step: FilledStep) -> StepBatch:
+        """A step another rank built (filled_regions and its FilledStep), in this builder's buffers; the
+        token ids are left for the caller to fill (tensor parallel: broadcast from rank 0)."""
+        host, h = self._host_views()
+        for name, values in regions.items():
+            h[name][:len(values)] = values
+        return self._finish(host, step, 0, self._write_updates(h, step.updates), None, [], [])
+
+    def _finish(self, host: torch.Tensor, step: FilledStep, num_gathers: int, num_updates: int,
+                prev_tokens: torch.Tensor | None, embeds: list[torch.Tensor],
+                prompt_rows: list[PromptLogprobRows]) -> StepBatch:
+        """Send the filled host buffer to the device and make the step's views of it."""
         if self.cuda:
             self.dev.copy_(host, non_blocking=True)
             self.copied[self.turn] = torch.cuda.Event()
             self.copied[self.turn].record()
         v = self.views
+        t, num_seqs, num_samples, num_embeds = step.num_rows, step.num_seqs, step.num_samples, step.num_embeds
         if num_gathers:
             dst = v["gather_dst"][:num_gathers]
             v["ids"].index_copy_(0, dst, prev_tokens.index_select(0, v["gather_src"][:num_gathers]))
@@ -150,8 +190,8 @@ class StepInputBuilder:
                 v["upd_val"][:num_updates].to(torch.int32)
         meta = AttentionMetadata(
             slot_mapping=v["slots"][:t], query_start_loc=v["q_start"][:num_seqs + 1], seq_lens=v["seq_lens"][:num_seqs],
-            block_tables=self.tables.table, seq_rows=v["seq_rows"][:num_seqs], max_query_len=max(max_q, 1),
-            max_seq_len=max(max_len, 1), block_size=bs)
+            block_tables=self.tables.table, seq_rows=v["seq_rows"][:num_seqs], max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len, block_size=self.block_size)
         embeds_rows = self._embeds_to_device(embeds, num_embeds) if embeds else None
         return StepBatch(
             num_rows=t, num_seqs=num_seqs, input_ids=v["ids"][:t], positions=v["pos"][:t], meta=meta,

@@ -6,6 +6,7 @@ caller-supplied embedding row (prompt embeds), chosen by a per-token mask.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -14,6 +15,9 @@ from torch import nn
 from replicas.attention import AttentionBackend, AttentionMetadata
 from replicas.config import ModelConfig
 from replicas.models.rope import RotaryEmbedding, apply_rope
+
+if TYPE_CHECKING:
+    from replicas.parallel.shard import TensorShard
 
 
 # Row counts at which MKL's `weight @ x.T` kernel ran fastest for a few rows (2-core EPYC,
@@ -70,8 +74,11 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """cfg: the heads this rank holds; group: tensor parallel's collectives (None on one device)."""
+
+    def __init__(self, cfg: ModelConfig, group=None):
         super().__init__()
+        self.group = group
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -92,26 +99,33 @@ class Attention(nn.Module):
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.window)
-        return linear(out.reshape(-1, self.q_size), self.o_proj)
+        out = linear(out.reshape(-1, self.q_size), self.o_proj)
+        if self.group is not None:  # row-parallel: each rank's heads give a partial sum
+            self.group.all_reduce(out)
+        return out
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, group=None):
         super().__init__()
+        self.group = group
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = linear(x, self.gate_up_proj).split(self.intermediate, dim=-1)
-        return linear(F.silu(gate) * up, self.down_proj)
+        out = linear(F.silu(gate) * up, self.down_proj)
+        if self.group is not None:
+            self.group.all_reduce(out)
+        return out
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, group=None):
         super().__init__()
-        self.self_attn = Attention(cfg)
-        self.mlp = MLP(cfg)
+        self.self_attn = Attention(cfg, group)
+        self.mlp = MLP(cfg, group)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -124,27 +138,57 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """shard: tensor parallel (replicas.parallel.shard): cfg is then this rank's shape, the embedding
+    and LM head hold its vocabulary rows, and the layers sum their partial outputs over the ranks."""
+
+    def __init__(self, cfg: ModelConfig, shard: "TensorShard | None" = None):
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.cfg, self.shard = cfg, shard
+        group = shard.group if shard is not None else None
+        vocab_rows = shard.vocab_rows if shard is not None else cfg.vocab_size
+        self.embed_tokens = nn.Embedding(vocab_rows, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, group) for _ in range(cfg.num_layers))
         for layer, window in zip(self.layers, cfg.layer_windows):
             layer.self_attn.window = window
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.rotary = RotaryEmbedding(cfg.hf_config, cfg.head_dim, cfg.max_model_len)
 
     def embed(self, input_ids: torch.Tensor, embeds_index: torch.Tensor | None = None,
               embeds_rows: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Input hidden states: looked-up token rows, with supplied embedding rows placed at embeds_index.
         `out`: a static buffer (a captured graph's input) to write into."""
+        if self.shard is not None:
+            return self._embed_sharded(input_ids, embeds_index, embeds_rows, out)
         if out is None:
             x = self.embed_tokens(input_ids)
         else:
             x = torch.index_select(self.embed_tokens.weight, 0, input_ids, out=out)
         if embeds_index is not None:
             x.index_copy_(0, embeds_index, embeds_rows.to(x.dtype))
+        return x
+
+    def _embed_sharded(self, input_ids, embeds_index, embeds_rows, out):
+        """Vocab-parallel lookup: rank 0 holds the step's ids (some sampled on its device and not read
+        back yet) and sends them to the others; each rank looks up the ids in its rows (zeros
+        elsewhere) and an all-reduce sums them. Supplied embeds rows ride the same all-reduce: rank 0
+        places them, the others contribute zeros there, so no other rank needs the embeds."""
+        s = self.shard
+        s.group.broadcast(input_ids)
+        local = input_ids - s.vocab.start
+        outside = (local < 0) | (local >= s.vocab.size)
+        local = local.masked_fill(outside, 0)
+        if out is None:
+            x = self.embed_tokens(local)
+        else:
+            x = torch.index_select(self.embed_tokens.weight, 0, local, out=out)
+        x.masked_fill_(outside[:, None], 0)
+        if embeds_index is not None:
+            if s.rank == 0:
+                x.index_copy_(0, embeds_index, embeds_rows.to(x.dtype))
+            else:
+                x.index_fill_(0, embeds_index, 0)
+        s.group.all_reduce(x)
         return x
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
@@ -159,40 +203,47 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         head = self.lm_head if self.lm_head is not None else self.embed_tokens
         logits = linear(hidden, head)
+        if self.shard is not None:  # vocab-parallel: every rank's columns, joined
+            logits = self.shard.gather_logits(logits)
         return logits.float() if float32 else logits
 
     def load_hf_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Load Hugging Face parameter names, fusing q/k/v and gate/up projections."""
         own = dict(self.named_parameters())
         loaded: set[str] = set()
+        names = {k.removeprefix("model."): k for k in state}  # `state` may load each tensor on access
+
+        def get(name: str) -> torch.Tensor:
+            return state[names.get(name, name)]
 
         def put(name: str, tensor: torch.Tensor) -> None:
             param = own[name]
+            if self.shard is not None:
+                tensor = self.shard.take(name, tensor)
             if param.shape != tensor.shape:
                 raise ValueError(f"weight {name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
             with torch.no_grad():
                 param.copy_(tensor)
             loaded.add(name)
 
-        state = {k.removeprefix("model."): v for k, v in state.items()}
         for i in range(self.cfg.num_layers):
             p = f"layers.{i}."
             for kind in ("weight", "bias"):
-                parts = [state.get(f"{p}self_attn.{n}_proj.{kind}") for n in "qkv"]
-                if all(t is not None for t in parts):
-                    put(f"{p}self_attn.qkv_proj.{kind}", torch.cat(parts, 0))
+                parts = [f"{p}self_attn.{n}_proj.{kind}" for n in "qkv"]
+                if all(n in names for n in parts):
+                    put(f"{p}self_attn.qkv_proj.{kind}", torch.cat([get(n) for n in parts], 0))
             put(f"{p}mlp.gate_up_proj.weight",
-                torch.cat([state[f"{p}mlp.gate_proj.weight"], state[f"{p}mlp.up_proj.weight"]], 0))
-            names = ["self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
-                     "post_attention_layernorm.weight"]
+                torch.cat([get(f"{p}mlp.gate_proj.weight"), get(f"{p}mlp.up_proj.weight")], 0))
+            layer_names = ["self_attn.o_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+                           "post_attention_layernorm.weight"]
             if self.cfg.qk_norm:
-                names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
-            for name in names:
-                put(p + name, state[p + name])
-        put("embed_tokens.weight", state["embed_tokens.weight"])
-        put("norm.weight", state["norm.weight"])
+                layer_names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+            for name in layer_names:
+                put(p + name, get(p + name))
+        put("embed_tokens.weight", get("embed_tokens.weight"))
+        put("norm.weight", get("norm.weight"))
         if self.lm_head is not None:
-            put("lm_head.weight", state.get("lm_head.weight", state["embed_tokens.weight"]))
+            put("lm_head.weight", get("lm_head.weight") if "lm_head.weight" in names else get("embed_tokens.weight"))
         missing = set(own) - loaded
         if missing:
             raise ValueError(f"weights missing from the checkpoint: {sorted(missing)[:5]}")
@@ -206,5 +257,9 @@ class LlamaForCausalLM(nn.Module):
                     param.fill_(1.0)
                 elif name.endswith("bias"):
                     param.zero_()
+                elif self.shard is not None:  # this rank's piece of what one device would draw
+                    shape = self.shard.full_shape(name, param.shape)
+                    full = torch.empty(shape, dtype=param.dtype, device=param.device).normal_(0.0, 0.02, generator=gen)
+                    param.copy_(self.shard.take(name, full))
                 else:
                     param.normal_(0.0, 0.02, generator=gen)

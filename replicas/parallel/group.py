@@ -1,0 +1,90 @@
+"""The collectives of one tensor-parallel group: NCCL between GPUs, gloo between CPU processes.
+
+Each group is its own torch process group built on a TCP store that rank 0 hosts, not
+torch.distributed's process-wide default group, so one process may hold several engines (and
+tests may build and drop them) without global state.
+"""
+from __future__ import annotations
+
+import datetime
+import uuid
+from dataclasses import dataclass
+
+import torch
+from torch.distributed import PrefixStore, ReduceOp, TCPStore
+
+
+@dataclass
+class Rendezvous:
+    """Where the ranks of one group meet: rank 0's TCP store (plain data, sent to every worker)."""
+
+    host: str
+    port: int
+    prefix: str
+    backend: str  # "nccl" | "gloo"
+    world_size: int
+    timeout_s: float
+
+
+def host_store(host: str, backend: str, world_size: int, timeout_s: float) -> tuple[TCPStore, Rendezvous]:
+    """Rank 0's store, listening on a free port of `host`."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
+    return store, Rendezvous(host, store.port, f"raylm-tp-{uuid.uuid4().hex[:12]}", backend, world_size, timeout_s)
+
+
+class CommGroup:
+    """Blocking-on-the-host collectives for gloo; for NCCL, ordered on the current CUDA stream (and
+    captured into CUDA graphs like any kernel)."""
+
+    def __init__(self, rdv: Rendezvous, rank: int, own_host: str, device: torch.device,
+                 store: TCPStore | None = None):
+        timeout = datetime.timedelta(seconds=rdv.timeout_s)
+        if store is None:
+            store = TCPStore(rdv.host, rdv.port, rdv.world_size, is_master=False, timeout=timeout)
+        self.store = store  # rank 0's keeps the rendezvous server alive
+        prefixed = PrefixStore(rdv.prefix, store)
+        self.rank, self.size, self.device = rank, rdv.world_size, device
+        if rdv.backend == "nccl":
+            from torch.distributed import ProcessGroupNCCL
+
+            options = ProcessGroupNCCL.Options()
+            options._timeout = timeout
+            self.pg = ProcessGroupNCCL(prefixed, rank, rdv.world_size, options)
+        elif rdv.backend == "gloo":
+            from torch.distributed import ProcessGroupGloo
+
+            options = ProcessGroupGloo._Options()
+            options._devices = [ProcessGroupGloo.create_device(hostname=own_host)]
+            options._timeout = timeout
+            self.pg = ProcessGroupGloo(prefixed, rank, rdv.world_size, options)
+        else:
+            raise ValueError(f"unknown tensor-parallel backend {rdv.backend!r}")
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        """Sum in place over the ranks."""
+        self.pg.allreduce(t).wait()
+
+    def broadcast(self, t: torch.Tensor) -> None:
+        """Rank 0's values, in place on every rank."""
+        self.pg.broadcast(t, 0).wait()
+
+    def all_gather(self, out: torch.Tensor, t: torch.Tensor) -> None:
+        """out[r * n:(r + 1) * n] = rank r's t (n = t.shape[0])."""
+        self.pg._allgather_base(out, t).wait()
+
+    def min_int(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        self.pg.allreduce(t, ReduceOp.MIN).wait()
+        return int(t.item())
+
+    def abort(self) -> None:
+        """End the group: collectives pending on any rank fail instead of waiting for this one."""
+        try:
+            self.pg.abort()
+        except Exception:  # noqa: BLE001 - best effort while failing or shutting down
+            pass
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
