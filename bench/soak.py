@@ -425,7 +425,7 @@ class SoakServer:
     def fail_engine(self, replica_id: str) -> str | None:
         from ray import serve
 
-        from replicas.deployment import ReplicaTarget
+        from replicas.protocol import ReplicaTarget
 
         handle = serve.get_deployment_handle("Replica", app_name="raylm")
         return handle.inject_fault.remote(ReplicaTarget(replica_id)).result(timeout_s=60)

@@ -22,6 +22,9 @@ args (all optional):
   max_queued_requests    per router, beyond which requests get 429 (default 512)
   imbalance_threshold    how many more in-flight requests prefix affinity may tolerate (default 4)
   routing_stats_period_s how often Serve polls each replica's load for routing and /metrics (2)
+  stream_batching     how often a stream sends a message: {interval_ms, messages_per_s, max_interval_ms}
+                      (replicas.deployment.StreamBatching: at most once per engine step, and while many
+                      streams are open, about messages_per_s messages per second per replica in all)
   api_key, served_model_name, max_body_mb, max_embeds_mb   HTTP options
   router_num_cpus     the Router's CPU share (default 0.25)
   router_actor_options  Ray actor options of the Router (e.g. {"resources": {"head": 0.01}})
@@ -36,7 +39,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from cluster.client import DEFAULT_APP_NAME
-from replicas.deployment import Replica
+from replicas.deployment import Replica, StreamBatching
 from replicas.parallel.placement import serve_options as tensor_parallel_options
 from router.app import Router
 from router.routing import PrefixAffinityRouter
@@ -46,7 +49,8 @@ DEFAULT_ROUTE_PREFIX = "/"
 _KNOWN = {"model", "engine", "num_replicas", "ray_actor_options", "max_replicas_per_node",
           "max_ongoing_requests", "max_queued_requests", "imbalance_threshold", "api_key",
           "served_model_name", "max_body_mb", "max_embeds_mb", "router_num_cpus", "route_prefix",
-          "name", "health_check_period_s", "router_actor_options", "num_routers", "routing_stats_period_s"}
+          "name", "health_check_period_s", "router_actor_options", "num_routers", "routing_stats_period_s",
+          "stream_batching"}
 
 
 def _num_replicas(value: Any, actor_options: dict, ranks: int = 1) -> Any:
@@ -92,7 +96,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     replica_options.update(tensor_parallel_options(engine, actor_options))
     if args.get("max_replicas_per_node") is not None:
         replica_options["max_replicas_per_node"] = int(args["max_replicas_per_node"])
-    replicas = serve.deployment(Replica).options(**replica_options).bind(args.get("model"), dict(args.get("engine") or {}))
+    batching = dict(args.get("stream_batching") or {})
+    try:
+        StreamBatching(**batching)  # refuse unknown keys here, not in every replica
+    except TypeError as e:
+        raise ValueError(f"stream_batching: {e}") from None
+    replicas = serve.deployment(Replica).options(**replica_options).bind(
+        args.get("model"), dict(args.get("engine") or {}), batching)
 
     mb = 1024 * 1024
     router_actor_options = {"num_cpus": float(args.get("router_num_cpus", 0.25))}

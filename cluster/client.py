@@ -17,6 +17,8 @@ an ObjectRef you `ray.put` once is resolved by Ray on the replica's node (zero-c
 """
 from __future__ import annotations
 
+import asyncio
+import threading
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -26,11 +28,11 @@ import ray
 from ray import serve
 
 from replicas.chat_template import chat_prompt
-from replicas.deployment import CompletionDelta, GenerateRequest, ReplicaTarget
+from replicas.protocol import CompletionDelta, GenerateRequest, ReplicaTarget
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
 from replicas.segments import pack_segments
-from router.routing import prefix_keys, request_router_of
+from router.routing import prefix_keys, request_router_of, stream_prompt
 
 DEFAULT_APP_NAME = "raylm"  # cluster.app's default application name
 REPLICA_DEPLOYMENT = "Replica"
@@ -128,19 +130,23 @@ class Client:
 
     def stream(self, prompt: Any, params: SamplingParams | None = None, *,
                request_id: str | None = None) -> Iterator[CompletionDelta]:
-        """Yield the new text/tokens of each completion as they are generated."""
+        """Yield the new text/tokens of each completion as they are generated (several tokens per
+        delta while the replica folds steps together). If the replica dies, the stream resumes on
+        another one with no token repeated or missing (router.routing.stream_prompt)."""
         req, embeds = self._request(prompt, params, request_id)
-        gen = self.handle.options(stream=True).generate.remote(req, embeds)
-        finished = False
+        chunks = stream_prompt(self.handle, req, embeds)
+        loop = _background_loop()
         try:
-            for chunk in gen:
+            while True:
+                try:
+                    chunk = asyncio.run_coroutine_threadsafe(chunks.__anext__(), loop).result()
+                except StopAsyncIteration:
+                    return
                 if chunk.error is not None:
                     raise ValueError(chunk.error)
                 yield from chunk.deltas
-                finished = chunk.finished
-        finally:
-            if not finished:
-                gen.cancel()
+        finally:  # ends the replica's work too when the caller stopped early
+            asyncio.run_coroutine_threadsafe(chunks.aclose(), loop).result()
 
     def abort(self, request_id: str, *, timeout_s: float = 60) -> bool:
         """Abort a request by id; True when a replica was running it (it then ends with
@@ -162,6 +168,20 @@ class Client:
 
     def model_info(self):
         return self.handle.model_info.remote().result()
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def _background_loop() -> asyncio.AbstractEventLoop:
+    """An event loop on a daemon thread, where Client.stream runs the router's async stream."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="raylm-client-loop", daemon=True).start()
+        return _LOOP
 
 
 def connect(app_name: str = DEFAULT_APP_NAME, address: str | None = None) -> Client:

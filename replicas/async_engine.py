@@ -2,9 +2,12 @@
 
 One background thread runs `engine.step()` while there is work, so requests that arrive while
 others run are batched together by the engine's scheduler. Each request has an asyncio queue
-on the event loop that asked for it; the thread hands every step's cumulative RequestOutput to
-that loop. A consumer that stops early (client gone, task cancelled) aborts its request, which
-frees its KV blocks.
+on the event loop that asked for it; after every step the thread hands that step's outputs to
+each waiting loop in one call (one wake-up per loop and step, however many requests it serves).
+`generate` yields cumulative RequestOutputs (or only the final one); `stream` yields delta
+outputs, all those that arrived since the consumer last asked, so a consumer that is slower than
+the engine gets several steps at once. A consumer that stops early (client gone, task cancelled)
+aborts its request, which frees its KV blocks.
 
 When the loop ends (an exception in a step, or shutdown) the engine is dead for good: every
 waiting request gets EngineDeadError, and so does every later one. Marking it dead and taking
@@ -14,11 +17,12 @@ slip in between and wait forever.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
@@ -73,8 +77,7 @@ class AsyncEngine:
                 if not self.engine.has_unfinished_requests():
                     self._wakeup.wait(self._idle_poll_s)
                     continue
-                for out in self.engine.step():
-                    self._deliver(out)
+                self._deliver(self.engine.step())
         except BaseException as e:  # noqa: BLE001 - the loop must report whatever killed it
             logger.exception("engine loop died")
             reason = f"engine loop died: {e!r}"
@@ -88,11 +91,21 @@ class AsyncEngine:
         for s in streams:
             self._put(s, EngineDeadError(reason))
 
-    def _deliver(self, out: RequestOutput) -> None:
+    def _deliver(self, outs: list[RequestOutput]) -> None:
+        """Hand a step's outputs (fresh objects the engine never touches again) to their loops."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = collections.defaultdict(list)
         with self._lock:
-            stream = self._streams.get(out.request_id)
-        if stream is not None:
-            self._put(stream, out)  # a fresh object: the engine never touches it again
+            for out in outs:
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    by_loop[stream.loop].append((stream.queue, out))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the consumers' loop is closed: nobody will read these requests
+                for _, out in items:
+                    if not out.finished:
+                        self.engine.abort_request(out.request_id)
 
     def _put(self, stream: _Stream, item) -> None:
         try:
@@ -154,17 +167,35 @@ class AsyncEngine:
             expiry = self._early_aborts.pop(request_id, None)
         return expiry is not None and expiry > time.monotonic()
 
-    async def generate(self, request_id: str, prompt, params: SamplingParams) -> AsyncIterator[RequestOutput]:
-        """Yield the cumulative RequestOutput of one request until it is finished.
+    async def generate(self, request_id: str, prompt, params: SamplingParams, *,
+                       final_only: bool = False) -> AsyncIterator[RequestOutput]:
+        """Yield the cumulative RequestOutput of one request until it is finished (with final_only
+        only the finished one, its text decoded once at the end).
 
         Raises ValueError (bad prompt or params) before the first output, EngineDeadError when the
         loop has died. Closing the iterator early aborts the request.
         """
+        async for outs in self._outputs(request_id, prompt, params, final_only=final_only):
+            yield outs[-1]  # cumulative: when the consumer is behind, only the newest matters
+
+    async def stream(self, request_id: str, prompt, params: SamplingParams, *, output_offset: int = 0,
+                     interval_s: Callable[[], float] | None = None) -> AsyncIterator[list[RequestOutput]]:
+        """Yield the delta RequestOutputs of one request: each time, all that arrived since the
+        last (one per engine step that changed it), oldest first, until the finished one.
+        interval_s: after the first output, wait this long after each yield before the next one
+        (a finished output is yielded at once). Raises and aborts as `generate`; output_offset:
+        see LLMEngine.add_request."""
+        async for outs in self._outputs(request_id, prompt, params, interval_s, delta=True,
+                                        output_offset=output_offset):
+            yield outs
+
+    async def _outputs(self, request_id: str, prompt, params: SamplingParams,
+                       interval_s: Callable[[], float] | None = None, **add) -> AsyncIterator[list]:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         aborted_early = self._register(request_id, stream)
         finished = False
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, **add)
         except BaseException:
             finished = True  # never added: nothing to abort
             with self._lock:
@@ -174,19 +205,30 @@ class AsyncEngine:
         if aborted_early:
             self.engine.abort_request(request_id)  # queued after the add: it ends with "abort"
         self._wakeup.set()
+        loop, hold_until = stream.loop, 0.0
         try:
-            while True:
-                item = await stream.queue.get()
-                # Outputs are cumulative: when the consumer is behind, only the newest matters.
-                while not stream.queue.empty() and not _is_final(item):
-                    item = stream.queue.get_nowait()
-                if isinstance(item, BaseException):
+            while not finished:
+                items = [await stream.queue.get()]
+                while True:
+                    while not stream.queue.empty():
+                        items.append(stream.queue.get_nowait())
+                    wait = hold_until - loop.time()
+                    if wait <= 0 or any(_is_final(x) for x in items):
+                        break
+                    try:  # fold the steps made meanwhile into this yield; a final output ends the wait
+                        items.append(await asyncio.wait_for(stream.queue.get(), wait))
+                    except asyncio.TimeoutError:
+                        pass
+                error = next((x for x in items if isinstance(x, BaseException)), None)
+                outs = [x for x in items if not isinstance(x, BaseException)]
+                finished = any(o.finished for o in outs)
+                if outs:
+                    yield outs
+                    if interval_s is not None:
+                        hold_until = loop.time() + interval_s()
+                if error is not None and not finished:
                     finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+                    raise error
         finally:
             with self._lock:
                 self._streams.pop(request_id, None)
@@ -202,4 +244,9 @@ class AsyncEngine:
 
 def _is_final(item) -> bool:
     return isinstance(item, BaseException) or item.finished
+
+
+def _put_all(items: list) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)
 

@@ -9,120 +9,60 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 import ray
 from ray import serve
 
 from replicas.async_engine import EngineDeadError
-from replicas.outputs import Logprob, RequestOutput
-from replicas.sampling_params import SamplingParams
+from replicas.continuation import continuation_prompt
+from replicas.outputs import RequestOutput
 from replicas.segments import unpack_segments
 
 
-# -- what crosses the handle boundary -----------------------------------------------------------
-@dataclass
-class GenerateRequest:
-    request_id: str
-    prompt: str | list[int] | None  # None (or "") when the prompt is the embeds argument
-    params: SamplingParams
-    prefix_keys: list[str] = field(default_factory=list)  # read by router.routing for affinity
-    echo: bool = False  # the accepted chunk then carries the prompt's text
-    # A segmented prompt: token-id lists and row counts of the embeds argument (replicas.segments).
-    prompt_segments: list | None = None
+# The wire protocol lives in replicas.protocol; these names stay importable from here.
+from replicas.protocol import (CompletionDelta, Continuation, GenerateChunk, GenerateRequest,  # noqa: E402,F401
+                               LoadReport, ModelInfo, ReplicaTarget)
 
 
 @dataclass
-class ReplicaTarget:
-    """Pins a handle call to one replica: router.routing sends it there while that replica lives,
-    and a replica that is not the target ignores the call (see Replica.abort, inject_fault)."""
+class StreamBatching:
+    """How often one request's stream sends a message (Ray Serve LLM's stream_batching_interval_ms).
 
-    replica_id: str  # Serve's unique replica id, as GenerateChunk.replica_id and the load report
-
-
-@dataclass
-class CompletionDelta:
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[dict[int, Logprob]] | None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class GenerateChunk:
-    """One streamed step of a request: the new text/tokens of each of its n completions.
-
-    The first chunk of every request is either `accepted` (the prompt passed validation, no
-    tokens yet) or carries `error` (a client error: the request was never started).
+    A stream sends at most once per engine step and, while more than `messages_per_s` worth of
+    streams are open, each waits `open streams / messages_per_s` seconds (at most `max_interval_ms`)
+    after a message before the next, folding the steps made meanwhile into it: the replica's Ray
+    messages per second stay near `messages_per_s` however many streams it serves. The first
+    tokens and the finish are never held back. `interval_ms` sets a fixed floor.
     """
 
-    request_id: str
-    deltas: list[CompletionDelta] = field(default_factory=list)
-    finished: bool = False
-    accepted: bool = False
-    error: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
-    prompt_token_ids: list[int] | None = None
-    prompt_text: str | None = None
-    prompt_tokens: list[str] | None = None  # each prompt token's text, for echo with logprobs
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # once, with the first output
-    replica_id: str = ""
+    interval_ms: float = 0.0
+    messages_per_s: float = 2000.0
+    max_interval_ms: float = 100.0
+
+    def interval_s(self, num_streams: int) -> float:
+        adaptive = num_streams / self.messages_per_s if self.messages_per_s > 0 else 0.0
+        return max(self.interval_ms / 1000, min(adaptive, self.max_interval_ms / 1000))
 
 
-@dataclass
-class ModelInfo:
-    name: str
-    hidden_size: int
-    max_model_len: int
-    vocab_size: int
-    device: str
-    dtype: str
-    replica_id: str
-    node_id: str
-
-
-class DeltaTracker:
-    """Turns a request's cumulative RequestOutputs into GenerateChunks of new content."""
-
-    def __init__(self, replica_id: str = "") -> None:
-        self.replica_id = replica_id
-        self._sent: dict[int, tuple[int, int]] = {}  # completion index -> (text chars, tokens)
-        self._done: set[int] = set()  # completions whose finish_reason was sent
-        self._first = True
-
-    def chunk(self, out: RequestOutput) -> GenerateChunk:
-        deltas = []
-        for c in out.outputs:
-            if c.index in self._done:  # finished earlier; later outputs repeat it unchanged
-                continue
-            n_text, n_ids = self._sent.get(c.index, (0, 0))
-            new_ids = c.token_ids[n_ids:]
-            new_text = c.text[n_text:]
-            if not new_ids and not new_text and c.finish_reason is None:
-                continue
-            self._sent[c.index] = (len(c.text), len(c.token_ids))
-            if c.finish_reason is not None:
-                self._done.add(c.index)
-            deltas.append(CompletionDelta(
-                index=c.index, text=new_text, token_ids=list(new_ids),
-                logprobs=list(c.logprobs[n_ids:]) if c.logprobs is not None else None,
-                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-            ))
-        chunk = GenerateChunk(
-            request_id=out.request_id, deltas=deltas, finished=out.finished,
-            num_prompt_tokens=out.num_prompt_tokens, num_cached_tokens=out.num_cached_tokens,
-            prompt_token_ids=out.prompt_token_ids if self._first else None,
-            prompt_logprobs=out.prompt_logprobs if self._first else None,
-            replica_id=self.replica_id,
-        )
-        self._first = False
-        return chunk
+def chunk_of(outs: list[RequestOutput], replica_id: str, index: int | None = None) -> GenerateChunk:
+    """One GenerateChunk of a request's delta outputs (oldest first), folded together.
+    index: the completion index to report (a continuation's single completion resumes that one)."""
+    chunk = None
+    for out in outs:
+        part = GenerateChunk(
+            request_id=out.request_id, finished=out.finished, num_prompt_tokens=out.num_prompt_tokens,
+            num_cached_tokens=out.num_cached_tokens, prompt_token_ids=out.prompt_token_ids,
+            prompt_logprobs=out.prompt_logprobs, replica_id=replica_id,
+            deltas=[CompletionDelta(c.index if index is None else index, c.text, c.token_ids, c.logprobs,
+                                    c.finish_reason, c.stop_reason) for c in out.outputs])
+        if chunk is None:
+            chunk = part
+        else:
+            chunk.extend(part)
+    return chunk
 
 
 def _default_num_threads(device: str) -> int:
@@ -144,7 +84,8 @@ def _embeds_type_name(x: Any) -> str:
 class Replica:
     """One LLM engine on this actor's device (CUDA when torch sees one, else the CPU)."""
 
-    def __init__(self, model: str | None = None, engine_kwargs: dict | None = None) -> None:
+    def __init__(self, model: str | None = None, engine_kwargs: dict | None = None,
+                 stream_batching: dict | None = None) -> None:
         import torch
 
         from replicas.async_engine import AsyncEngine
@@ -165,6 +106,7 @@ class Replica:
         except Exception:  # noqa: BLE001 - constructed outside Serve (unit use)
             self.replica_id = f"local-{os.getpid()}"
         self._embeds_types: collections.deque[tuple[str, str]] = collections.deque(maxlen=256)
+        self.stream_batching = StreamBatching(**(stream_batching or {}))
 
     # -- generation ---------------------------------------------------------------------------
     async def _prompt(self, request: GenerateRequest, prompt_embeds: Any):
@@ -184,16 +126,46 @@ class Replica:
         """Stream GenerateChunks (call with handle.options(stream=True)).
 
         A bad prompt gives one chunk with `error` set; the replica is unharmed and no request
-        is started. Cancelling the call (client gone) aborts the request in the engine.
+        is started. Then `accepted`, then the engine's deltas: at most one chunk per engine step,
+        fewer while many streams are open (StreamBatching). Cancelling the call (client gone)
+        aborts the request in the engine. A request with a `continuation` resumes a completion
+        another replica started (see replicas.protocol.Continuation).
         """
-        rid = request.request_id
+        rid, cont = request.request_id, request.continuation
         self._require_alive()  # a dead engine refuses at once: the caller retries elsewhere
+        params = request.params
         try:
+            raw = await self._prompt(request, prompt_embeds)
+            if cont is not None:
+                raw, params, held_text = continuation_prompt(raw, params, cont, self.engine.tokenizer)
             # Checked (and tokenized, embeds copied) once here; the engine queues this as is.
-            prompt = self.engine.prepare(await self._prompt(request, prompt_embeds), request.params)
+            prompt = self.engine.prepare(raw, params)
         except (ValueError, TypeError) as e:
             yield GenerateChunk(request_id=rid, error=str(e), finished=True, replica_id=self.replica_id)
             return
+        if cont is not None:
+            yield GenerateChunk(request_id=rid, accepted=True, replica_id=self.replica_id)
+            if held_text:
+                yield GenerateChunk(request_id=rid, replica_id=self.replica_id, deltas=[CompletionDelta(
+                    cont.index, held_text, [], [] if params.logprobs is not None else None)])
+        else:
+            yield self._accepted(request, prompt, prompt_embeds)
+        index, resumed = (None, 0) if cont is None else (cont.index, len(cont.token_ids))
+        try:
+            # aclosing: however this generator ends, the engine request is finished or aborted.
+            outs = self.async_engine.stream(rid, prompt, params, output_offset=resumed, interval_s=self._interval)
+            async with contextlib.aclosing(outs) as batches:
+                async for batch in batches:
+                    chunk = chunk_of(batch, self.replica_id, index)
+                    chunk.num_prompt_tokens -= resumed  # the client's prompt, without the resumed tokens
+                    yield chunk
+        except ValueError as e:  # validation the engine does only when adding
+            yield GenerateChunk(request_id=rid, error=str(e), finished=True, replica_id=self.replica_id)
+
+    def _interval(self) -> float:
+        return self.stream_batching.interval_s(self.async_engine.num_streams)
+
+    def _accepted(self, request: GenerateRequest, prompt, prompt_embeds: Any) -> GenerateChunk:
         prompt_text = None
         if request.echo and prompt_embeds is None:
             prompt_text = request.prompt if isinstance(request.prompt, str) else self.engine.tokenizer.decode(
@@ -202,16 +174,8 @@ class Replica:
         ids = prompt.prompt.prompt_token_ids
         if request.echo and request.params.prompt_logprobs is not None and ids:
             prompt_tokens = [self.engine.tokenizer.decode([t]) for t in ids]
-        yield GenerateChunk(request_id=rid, accepted=True, prompt_text=prompt_text, prompt_tokens=prompt_tokens,
-                            replica_id=self.replica_id)
-        tracker = DeltaTracker(self.replica_id)
-        try:
-            # aclosing: however this generator ends, the engine request is finished or aborted.
-            async with contextlib.aclosing(self.async_engine.generate(rid, prompt, request.params)) as outs:
-                async for out in outs:
-                    yield tracker.chunk(out)
-        except ValueError as e:  # validation the engine does only when adding
-            yield GenerateChunk(request_id=rid, error=str(e), finished=True, replica_id=self.replica_id)
+        return GenerateChunk(request_id=request.request_id, accepted=True, prompt_text=prompt_text,
+                             prompt_tokens=prompt_tokens, replica_id=self.replica_id)
 
     async def complete(self, request: GenerateRequest, prompt_embeds: Any = None) -> RequestOutput:
         """The finished RequestOutput of one request (for ray.get users); raises ValueError, or
@@ -219,8 +183,9 @@ class Replica:
         self._require_alive()
         prompt = await self._prompt(request, prompt_embeds)
         final = None
-        async with contextlib.aclosing(self.async_engine.generate(request.request_id, prompt, request.params)) as outs:
-            async for out in outs:
+        outs = self.async_engine.generate(request.request_id, prompt, request.params, final_only=True)
+        async with contextlib.aclosing(outs) as finals:
+            async for out in finals:
                 final = out
         return final
 
@@ -252,21 +217,19 @@ class Replica:
             raise EngineDeadError(f"replica {self.replica_id}: {e}") from None
 
     # -- state --------------------------------------------------------------------------------
-    def get_load(self) -> dict:
-        load = dataclasses.asdict(self.async_engine.get_load())
-        total = load.get("num_total_blocks") or 0
-        free = load.get("num_free_blocks") or 0
-        load["kv_cache_usage"] = (total - free) / total if total else 0.0
-        load["num_streams"] = self.async_engine.num_streams
-        load["num_requests"] = self.async_engine.num_requests
-        load["num_aborted"] = self.async_engine.num_aborted
-        load["replica_id"] = self.replica_id
-        load["alive"] = self.async_engine.is_alive()
-        return load
+    def get_load(self, target: ReplicaTarget | None = None) -> LoadReport:
+        """This replica's load (`target` pins the call to one replica: see ReplicaTarget)."""
+        load = self.async_engine.get_load()
+        return LoadReport(
+            replica_id=self.replica_id, alive=self.async_engine.is_alive(), num_waiting=load.num_waiting,
+            num_running=load.num_running, num_free_blocks=load.num_free_blocks,
+            num_total_blocks=load.num_total_blocks, num_streams=self.async_engine.num_streams,
+            num_requests=self.async_engine.num_requests, num_aborted=self.async_engine.num_aborted)
 
     def record_routing_stats(self) -> dict:
-        # Serve polls this and hands it to router.routing.PrefixAffinityRouter (and /metrics).
-        return self.get_load()
+        # Serve polls this and hands the dict to router.routing.PrefixAffinityRouter (and /metrics),
+        # which read it back as a LoadReport.
+        return self.get_load().to_routing_stats()
 
     def check_health(self) -> None:
         # Serve replaces a replica whose health check keeps failing; routers skip it at once

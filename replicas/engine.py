@@ -15,7 +15,7 @@ from replicas.inputs import ProcessedPrompt, process_prompt
 from replicas.kv_cache_manager import KVCacheManager
 from replicas.loader import load_model_source
 from replicas.model_runner import LaunchedStep, ModelRunner
-from replicas.outputs import CompletionOutput, Logprob, RequestOutput
+from replicas.outputs import CompletionOutput, Logprob, RequestOutput, delta_output
 from replicas.sampler import SampleResult
 from replicas.sampling_params import SamplingParams
 from replicas.scheduler import Scheduler
@@ -113,13 +113,19 @@ class LLMEngine:
     def validate_prompt(self, prompt, params: SamplingParams) -> None:
         self.prepare(prompt, params)
 
-    def add_request(self, request_id: str, prompt, params: SamplingParams, *, final_only: bool = False) -> None:
+    def add_request(self, request_id: str, prompt, params: SamplingParams, *, final_only: bool = False,
+                    delta: bool = False, output_offset: int = 0) -> None:
         """Queue a request; `prompt` may be what prepare() returned for these params.
         final_only: step() reports the request once, when it finishes (offline generate), and its
-        text is decoded then unless stop strings need it every step."""
+        text is decoded then unless stop strings need it every step.
+        delta: each output carries only what is new since the previous one (streams).
+        output_offset: output tokens generated before this request (a failover continuation whose
+        prompt ends with them): seeded sampling goes on from that output position."""
         prepared = prompt if isinstance(prompt, PreparedPrompt) and prompt.params is params \
             else self.prepare(prompt, params)
-        request = self._make_request(request_id, prepared.prompt, params, prepared.max_tokens, final_only)
+        request = self._make_request(request_id, prepared.prompt, params, prepared.max_tokens, final_only,
+                                     output_offset)
+        request.delta = delta and not final_only
         with self._ids_lock:  # taken only once the request is built, so a failure leaks no id
             if request_id in self._pending_ids:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -127,18 +133,22 @@ class LLMEngine:
         self._inbox.put(_Add(request))
 
     def _make_request(self, request_id: str, p: ProcessedPrompt, params: SamplingParams,
-                      max_tokens: int, final_only: bool) -> Request:
+                      max_tokens: int, final_only: bool, output_offset: int = 0) -> Request:
         seqs = []
         for i in range(params.n):
             generator = None if params.seed is None else \
                 torch.Generator(device=self.device).manual_seed(params.seed + i)
+            if generator is not None and not params.greedy:
+                for _ in range(output_offset):  # the draws the sampler made for the earlier tokens
+                    torch.empty(self.model_config.vocab_size, device=self.device).exponential_(generator=generator)
             context = p.context_token_ids
             seqs.append(Sequence(
                 request_id=request_id, index=i, params=params, token_ids=p.sequence_token_ids,
                 num_prompt_tokens=p.num_tokens, prompt_embeds=p.prompt_embeds, embeds_segments=p.embeds_segments,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, context, params.skip_special_tokens),
                 generator=generator, max_tokens=max_tokens, eager_text=bool(params.stop_list) or not final_only,
-                prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None))
+                prompt_logprobs=[None] if params.prompt_logprobs is not None and i == 0 else None,
+                output_offset=output_offset))
         return Request(request_id, p.prompt, p.prompt_token_ids, params, seqs, time.time(), final_only)
 
     def abort_request(self, request_id: str) -> None:
@@ -291,6 +301,8 @@ class LLMEngine:
         self.runner.release(seq)
 
     def _output(self, r: Request) -> RequestOutput:
+        if r.delta:
+            return delta_output(r)
         outputs = [CompletionOutput(
             index=s.index,
             text=s.detokenizer.text[: len(s.detokenizer.text) if s.finished else s.visible_text_len],

@@ -67,7 +67,7 @@ class Sampler:
             temps.append(0.0 if p.greedy else p.temperature)
             if p.seed is not None:
                 seeds.append((p.seed + s.index) & 0x7FFFFFFFFFFFFFFF)
-                offsets.append(s.num_output_tokens)
+                offsets.append(s.num_output_tokens + s.output_offset)
             else:
                 seeds.append(self.seed)
                 offsets.append((self.num_launches << 20) + row)

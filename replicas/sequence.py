@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from replicas.detokenizer import IncrementalDetokenizer
-from replicas.outputs import Logprob
+from replicas.outputs import DeltaCursor, Logprob
 from replicas.sampling_params import SamplingParams
 
 _seq_ids = itertools.count()
@@ -58,6 +58,8 @@ class Sequence:
     # Per block, the rows_digest of each embeds run, computed on a digest thread (KVCacheManager).
     embeds_digests: Future | None = None
     pending_sample_index: int = -1  # row of the in-flight step's samples holding this sequence's PENDING_TOKEN
+    sent: DeltaCursor = field(default_factory=DeltaCursor)  # delta mode: what earlier outputs carried
+    output_offset: int = 0  # output tokens made before this sequence (a failover continuation's prompt tail)
 
     def __post_init__(self) -> None:
         if self.embeds_segments is None:
@@ -121,6 +123,7 @@ class Request:
     seqs: list[Sequence]
     arrival_time: float
     final_only: bool = False  # reported once, when finished
+    delta: bool = False  # each output carries only what is new since the previous one (streams)
 
     @property
     def reached_max_tokens(self) -> bool:

@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 
-from replicas.deployment import GenerateChunk, GenerateRequest, ModelInfo
+from replicas.protocol import GenerateChunk, GenerateRequest, LoadReport, ModelInfo
 from router import errors
 from router.chat import build_chat_prompt
 from router.chat_responses import ChatChoice, ChatHeader
@@ -106,7 +106,7 @@ class Router:
         self._info_lock: asyncio.Lock | None = None
 
     # -- shared state -------------------------------------------------------------------------
-    def _replica_stats(self) -> dict[str, dict]:
+    def _replica_stats(self) -> dict[str, LoadReport]:
         r = request_router_of(self.replicas)
         return r.replica_stats() if r is not None else {}
 
@@ -232,8 +232,7 @@ class Router:
         """Send every prompt and wait until each is accepted; a refusal fails the whole request."""
 
         async def first(job: PromptJob) -> None:
-            job.stream = stream_prompt(self.replicas, job.request, job.embeds_ref,
-                                       restart_after_output=not stream, on_retry=self.metrics.retries.inc)
+            job.stream = stream_prompt(self.replicas, job.request, job.embeds_ref, on_retry=self.metrics.retries.inc)
             chunk = await job.stream.__anext__()
             if chunk.error is not None:
                 raise bad_request(chunk.error, "prompt_embeds" if job.embeds_ref is not None else "prompt")
@@ -262,11 +261,8 @@ class Router:
             async for c in job.stream:
                 yield c
 
+        # stream_prompt hands on each token once, also when a lost replica's work resumed elsewhere.
         async for chunk in source():
-            if chunk.accepted:  # a retry on another replica: start this prompt over
-                job.choices = [c.restarted() for c in job.choices]
-                job.first_token_at = job.last_token_at = None
-                continue
             if chunk.error is not None:
                 raise bad_request(chunk.error)
             if chunk.prompt_logprobs is not None:
@@ -275,7 +271,7 @@ class Router:
                     c.set_prompt_logprobs(chunk.prompt_token_ids, chunk.prompt_logprobs, formatted)
             job.num_prompt_tokens = chunk.num_prompt_tokens or job.num_prompt_tokens
             job.num_cached_tokens = chunk.num_cached_tokens or job.num_cached_tokens
-            ntok = sum(len(d.token_ids) for d in chunk.deltas)
+            ntok = chunk.num_tokens
             if ntok:
                 now = time.perf_counter()
                 if job.first_token_at is None:

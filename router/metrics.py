@@ -1,8 +1,8 @@
 """Prometheus metrics of the router, served on GET /metrics.
 
 Request counts, token counts and latencies are observed here as responses stream through;
-per-replica running/waiting/KV usage come from each replica's `record_routing_stats`, which
-Serve polls and hands to our request router (router.routing.ROUTERS).
+per-replica running/waiting/KV usage come from each replica's LoadReport (its
+`record_routing_stats`, which Serve polls and hands to our request router, router.routing.ROUTERS).
 """
 from __future__ import annotations
 
@@ -11,13 +11,15 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from replicas.protocol import LoadReport
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class _ReplicaCollector:
-    def __init__(self, stats: Callable[[], dict[str, dict]]):
+    def __init__(self, stats: Callable[[], dict[str, LoadReport]]):
         self._stats = stats
 
     def collect(self):
@@ -28,17 +30,21 @@ class _ReplicaCollector:
                                       "or client)", labels=["replica"])
         live = GaugeMetricFamily("raylm_live_replicas", "Replicas the router can send requests to")
         stats = self._stats()
+        blocks = GaugeMetricFamily("raylm_replica_kv_cache_blocks", "A replica's KV cache blocks",
+                                   labels=["replica", "state"])
         for rid, s in stats.items():
-            started.add_metric([rid], float(s.get("num_requests", 0)))
-            running.add_metric([rid], float(s.get("num_running", 0)))
-            waiting.add_metric([rid], float(s.get("num_waiting", 0)))
-            kv.add_metric([rid], float(s.get("kv_cache_usage", 0.0)))
-        live.add_metric([], float(len(stats)))
-        yield from (running, waiting, kv, started, live)
+            started.add_metric([rid], float(s.num_requests))
+            running.add_metric([rid], float(s.num_running))
+            waiting.add_metric([rid], float(s.num_waiting))
+            kv.add_metric([rid], s.kv_cache_usage)
+            blocks.add_metric([rid, "total"], float(s.num_total_blocks))
+            blocks.add_metric([rid, "free"], float(s.num_free_blocks))
+        live.add_metric([], float(sum(s.alive for s in stats.values())))
+        yield from (running, waiting, kv, blocks, started, live)
 
 
 class Metrics:
-    def __init__(self, replica_stats: Callable[[], dict[str, dict]]):
+    def __init__(self, replica_stats: Callable[[], dict[str, LoadReport]]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("raylm_requests", "Completion requests by HTTP status", ["status"], registry=r)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from replicas.deployment import CompletionDelta
+from replicas.protocol import CompletionDelta
 
 _MIN_LOGPROB = -9999.0  # JSON has no -inf; vLLM clamps the same way
 

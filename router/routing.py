@@ -29,6 +29,7 @@ import logging
 import random
 import uuid
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any, Hashable, Sequence
 
 import numpy as np
@@ -38,7 +39,7 @@ from ray.serve import context as serve_context
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from replicas.async_engine import EngineDeadError
-from replicas.deployment import GenerateRequest, ReplicaTarget
+from replicas.protocol import Continuation, GenerateChunk, GenerateRequest, LoadReport, ReplicaTarget
 from router.errors import overloaded, unavailable
 
 logger = logging.getLogger(__name__)
@@ -141,12 +142,13 @@ class PrefixAffinityRouter(RequestRouter):
         queued = self.replica_queue_len_cache.get(replica.replica_id)
         if queued is not None:
             return float(queued)
-        stats = replica.routing_stats or {}
-        return float(stats.get("num_running", 0) + stats.get("num_waiting", 0))
+        report = LoadReport.from_routing_stats(replica.routing_stats)
+        return float(report.num_in_flight) if report is not None else 0.0
 
-    def replica_stats(self) -> dict[str, dict]:
-        """Latest `record_routing_stats` of each live replica, by replica id (for /metrics)."""
-        return {r.replica_id.unique_id: dict(r.routing_stats or {}) for r in self._replicas_list}
+    def replica_stats(self) -> dict[str, LoadReport]:
+        """Latest load report of each replica Serve has polled, by replica id (for /metrics)."""
+        reports = {r.replica_id.unique_id: LoadReport.from_routing_stats(r.routing_stats) for r in self._replicas_list}
+        return {rid: report for rid, report in reports.items() if report is not None}
 
     @property
     def num_live_replicas(self) -> int:
@@ -158,7 +160,8 @@ class PrefixAffinityRouter(RequestRouter):
     def _usable(self, replica: RunningReplica) -> bool:
         if replica.replica_id.unique_id in self._failed:
             return False
-        return (replica.routing_stats or {}).get("alive", True) is not False
+        report = LoadReport.from_routing_stats(replica.routing_stats)
+        return report is None or report.alive
 
     def mark_failed(self, replica_id: str) -> None:
         """Send this replica nothing more (its engine failed; Serve will replace it)."""
@@ -292,28 +295,71 @@ async def _first(chunks, handle, poll_s: float = 0.5):
             task.cancel()
 
 
-async def stream_prompt(handle, request, embeds_ref=None, *, max_attempts: int = 4,
-                        restart_after_output: bool = False, on_retry=None):
+@dataclass
+class _Sent:
+    """What the consumer of a prompt's stream has received of each completion: enough to resume
+    the unfinished ones on another replica."""
+
+    token_ids: dict[int, list[int]] = field(default_factory=dict)
+    text: dict[int, list[str]] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, cont: Continuation | None) -> "_Sent":
+        if cont is None:
+            return cls()
+        return cls({cont.index: list(cont.token_ids)}, {cont.index: [cont.text]})
+
+    def record(self, chunk: GenerateChunk) -> None:
+        for d in chunk.deltas:
+            self.token_ids.setdefault(d.index, []).extend(d.token_ids)
+            self.text.setdefault(d.index, []).append(d.text)
+            if d.finish_reason is not None:
+                self.finished.add(d.index)
+
+    @property
+    def any(self) -> bool:
+        return any(self.token_ids.values()) or any(t for parts in self.text.values() for t in parts)
+
+    def continuation(self, index: int) -> Continuation:
+        return Continuation(index, list(self.token_ids.get(index, [])), "".join(self.text.get(index, [])))
+
+
+async def stream_prompt(handle, request: GenerateRequest, embeds_ref=None, *, max_attempts: int = 4,
+                        on_retry=None):
     """Yield the GenerateChunks of one prompt from a replica chosen by PrefixAffinityRouter.
 
-    If the replica dies before the request produced tokens (or at any point, with
-    `restart_after_output`, for a caller that has sent nothing to its client yet), the request is
-    sent again; Serve drops a dead replica from the candidates. The new attempt starts with an
-    `accepted` chunk again, which tells the consumer to start over. Raises APIError 429 when every
-    replica and the handle's queue are full, 503 when no replica is alive.
+    The consumer sees one `accepted` chunk (or an `error` chunk), then each token once. If the
+    replica is lost, the prompt goes to another: from the start while nothing was generated, else
+    each unfinished completion resumes after what was sent (replicas.protocol.Continuation), so
+    the stream goes on with no token repeated or missing. Raises APIError 429 when every replica
+    and the handle's queue are full, 503 when no replica is alive (or `max_attempts` were lost).
     """
+    sent = _Sent.of(request.continuation)
+    accepted = False
     for attempt in range(1, max_attempts + 1):
         if live_replicas(handle) == 0:
             raise unavailable()
+        if sent.any and request.params.n > 1 and request.continuation is None:
+            async for chunk in _resume_each(handle, request, embeds_ref, sent, max_attempts - attempt + 1, on_retry):
+                yield chunk
+            return
+        call = request if not sent.any else dataclasses.replace(
+            request, continuation=sent.continuation(request.continuation.index if request.continuation else 0),
+            echo=False)
         _own_internal_request_id()
-        gen = handle.options(stream=True).generate.remote(request, embeds_ref)
-        produced = done = False
+        gen = handle.options(stream=True).generate.remote(call, embeds_ref)
+        done = False
         try:
             chunks = gen.__aiter__()
             chunk = await _first(chunks, handle)
             while True:
-                produced = produced or bool(chunk.deltas)
-                yield chunk
+                if not chunk.accepted:
+                    sent.record(chunk)
+                    yield chunk
+                elif not accepted:
+                    accepted = True
+                    yield chunk
                 try:
                     chunk = await chunks.__anext__()
                 except StopAsyncIteration:
@@ -329,14 +375,63 @@ async def stream_prompt(handle, request, embeds_ref=None, *, max_attempts: int =
                 raise
             if _is(e, EngineDeadError):
                 replica_failed(handle, request.request_id)
-            if (produced and not restart_after_output) or attempt == max_attempts:
+            if attempt == max_attempts:
                 raise unavailable(f"the replica serving this request was lost: {_kind(e)}") from None
-            logger.warning("replica lost (%s); retrying request %s on another", _kind(e), request.request_id)
+            logger.warning("replica lost (%s); %s request %s on another", _kind(e),
+                           "resuming" if sent.any else "retrying", request.request_id)
             if on_retry is not None:
                 on_retry()
             # An unreachable (not yet declared dead) replica may be chosen again: give Serve time.
-            await asyncio.sleep(0.1 * 2 ** (attempt - 1))
+            await asyncio.sleep(0.05 * 2 ** (attempt - 1))
         finally:
             if not done:  # the consumer stopped early (client gone): stop the replica's work too
                 gen.cancel()
             forget_request(handle, request.request_id)
+
+
+async def _resume_each(handle, request: GenerateRequest, embeds_ref, sent: _Sent, max_attempts: int, on_retry):
+    """n > 1: each unfinished completion resumes as its own one-completion request; their chunks
+    are merged into one stream (the request is finished when every completion is)."""
+    streams = [stream_prompt(handle, dataclasses.replace(request, request_id=f"{request.request_id}.{i}",
+                                                         continuation=sent.continuation(i), echo=False),
+                             embeds_ref, max_attempts=max_attempts, on_retry=on_retry)
+               for i in range(request.params.n) if i not in sent.finished]
+    left = len(streams)
+    async for chunk in _merged(streams):
+        if chunk.accepted:
+            continue
+        left -= chunk.finished
+        chunk.finished = left == 0
+        yield chunk
+
+
+async def _merged(streams: list):
+    """Chunks of several async iterators as they come; the first exception ends them all."""
+    queue: asyncio.Queue = asyncio.Queue()
+    end = object()
+
+    async def pump(stream) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put(chunk)
+            await queue.put(end)
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            await queue.put(e)
+
+    tasks = [asyncio.create_task(pump(s)) for s in streams]
+    try:
+        left = len(tasks)
+        while left:
+            item = await queue.get()
+            if item is end:
+                left -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for s in streams:
+            await s.aclose()

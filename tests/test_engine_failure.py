@@ -91,7 +91,7 @@ def openai_client(server) -> AsyncOpenAI:
 
 
 def inject_fault(server, replica_id: str) -> None:
-    from replicas.deployment import ReplicaTarget
+    from replicas.protocol import ReplicaTarget
 
     hit = server.handle.inject_fault.remote(ReplicaTarget(replica_id)).result(timeout_s=DEADLINE_S)
     assert hit == replica_id

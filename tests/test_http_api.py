@@ -116,16 +116,16 @@ def assert_error_body(body: dict, status_type: str | None = None) -> dict:
     return err
 
 
-def replica_load(server) -> dict:
+def replica_load(server):
     return server.replica.get_load.remote().result(timeout_s=60)
 
 
-def wait_idle(server, timeout_s: float = 60) -> dict:
+def wait_idle(server, timeout_s: float = 60):
     deadline = time.time() + timeout_s
     while True:
         load = replica_load(server)
-        if (load["num_running"] == 0 and load["num_waiting"] == 0 and load["num_streams"] == 0
-                and load["num_free_blocks"] == load["num_total_blocks"]):
+        if (load.num_running == 0 and load.num_waiting == 0 and load.num_streams == 0
+                and load.num_free_blocks == load.num_total_blocks):
             return load
         if time.time() > deadline:
             raise AssertionError(f"replica not idle: {load}")
@@ -275,7 +275,7 @@ def test_64_concurrent_streams_all_complete(server):
 
 
 def test_client_disconnect_aborts_request(server):
-    before = replica_load(server)["num_aborted"]
+    before = replica_load(server).num_aborted
     r = requests.post(f"{server.base}/v1/completions", stream=True, timeout=120,
                       json={"model": MODEL, "prompt": "Write a very long story.", "max_tokens": 1500,
                             "ignore_eos": True, "stream": True})
@@ -288,7 +288,7 @@ def test_client_disconnect_aborts_request(server):
                 break
     r.close()  # the client goes away mid-stream
     load = wait_idle(server)
-    assert load["num_aborted"] == before + 1  # aborted, not run to its end: its KV blocks are free
+    assert load.num_aborted == before + 1  # aborted, not run to its end: its KV blocks are free
 
     # the same for a non-streamed batch whose client stops waiting
     with pytest.raises(requests.exceptions.ReadTimeout):
@@ -296,7 +296,7 @@ def test_client_disconnect_aborts_request(server):
                       json={"model": MODEL, "prompt": ["A long tale.", "Another long tale."], "max_tokens": 1500,
                             "ignore_eos": True})
     load = wait_idle(server)
-    assert load["num_aborted"] == before + 3
+    assert load.num_aborted == before + 3
 
 
 # -- prompt embeds ------------------------------------------------------------------------------
@@ -494,7 +494,7 @@ def test_bad_payloads_get_4xx_openai_errors_and_leave_the_replica_clean(server):
 
 def test_one_bad_prompt_refuses_the_request_before_any_prompt_is_sent(server):
     """Atomic validation: the router checks every prompt's length before dispatching any."""
-    before = replica_load(server)["num_aborted"]
+    before = replica_load(server).num_aborted
     for body in ({"prompt": [[1, 2, 3], [5] * 2040], "max_tokens": 16},
                  {"prompt": [[7, 8, 9], [5] * 2048], "max_tokens": None},
                  {"prompt": "Write a long story.", "prompt_embeds": b64_embeds(torch.zeros(2040, 576)),
@@ -503,7 +503,7 @@ def test_one_bad_prompt_refuses_the_request_before_any_prompt_is_sent(server):
         assert r.status_code == 400, r.text
         assert "max_model_len" in assert_error_body(r.json())["message"]
     load = wait_idle(server)
-    assert load["num_aborted"] == before  # nothing was started and then aborted
+    assert load.num_aborted == before  # nothing was started and then aborted
 
 
 def test_metrics_endpoint(server, oa):

@@ -1,0 +1,273 @@
+"""Streams that survive a replica's death: the router resumes each unfinished completion on another
+replica with the prompt plus the tokens already sent, so the client sees no error and no repeated
+or missing token, and greedy (and seeded) output equals an uninterrupted run's.
+
+First in-process (the continuation prompt on one engine), then through real Ray Serve with two
+replicas of the embedded model: a replica's actor killed (`ray.kill`) or its engine failed
+(`fault_injection`) mid-stream, over the handle (`Client.stream`) and over HTTP with the `openai`
+client. Every wait has a deadline.
+"""
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
+
+import numpy as np
+import openai
+import pytest
+import ray
+import requests
+from openai import AsyncOpenAI
+
+from serve_utils import free_port, start_ray, start_serve, stop_all, wait_healthy
+
+DEADLINE_S = 180
+TOKENS = 40
+
+
+def sp(**kw):
+    from replicas.sampling_params import SamplingParams
+
+    return SamplingParams(**{"max_tokens": TOKENS, "temperature": 0.0, "ignore_eos": True, **kw})
+
+
+# -- in-process: the continuation prompt ----------------------------------------------------------
+def _resumed(llm, prompt, params, cut: int):
+    """(uninterrupted output, the output of a run resumed after `cut` tokens, the held text)."""
+    from replicas.continuation import continuation_prompt
+    from replicas.protocol import Continuation
+
+    full = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    sent_text = llm.get_tokenizer().decode(full.token_ids[:cut])[:-3]  # as if 3 characters were held back
+    assert full.text.startswith(sent_text)
+    cont = Continuation(0, full.token_ids[:cut], sent_text)
+    raw = prompt if isinstance(prompt, (str, dict)) else {"prompt_token_ids": prompt}
+    resumed_prompt, resumed_params, held = continuation_prompt(raw, params, cont, llm.get_tokenizer())
+    rest = _generate_with_offset(llm, resumed_prompt, resumed_params, cut)
+    return full, rest, sent_text + held
+
+
+def _generate_with_offset(llm, prompt, params, offset: int):
+    engine = llm.engine
+    rid = f"resume-{time.monotonic_ns()}"
+    engine.add_request(rid, prompt, params, final_only=True, output_offset=offset)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid and out.finished:
+                return out.outputs[0]
+    raise AssertionError("the resumed request did not finish")
+
+
+@pytest.mark.parametrize("kind", ["text", "embeds"])
+@pytest.mark.parametrize("seeded", [False, True])
+def test_resumed_run_continues_the_uninterrupted_one(embedded_llm, kind, seeded):
+    ids = embedded_llm.get_tokenizer()("The history of the printing press").input_ids
+    prompt = "The history of the printing press" if kind == "text" else \
+        {"prompt_embeds": embedded_llm.get_input_embeddings(ids)}
+    params = sp(max_tokens=24, **({"temperature": 0.9, "seed": 11} if seeded else {}))
+    full, rest, text_before = _resumed(embedded_llm, prompt, params, cut=9)
+    assert full.token_ids[:9] + rest.token_ids == full.token_ids
+    assert text_before + rest.text == full.text
+    assert rest.finish_reason == full.finish_reason == "length"
+
+
+# -- through Ray Serve ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def server():
+    tmp = start_ray("failover", num_cpus=2)
+    try:
+        from ray import serve
+
+        from cluster.app import run
+        from cluster.client import connect
+
+        port = free_port()
+        start_serve(port)
+        run({"name": "raylm", "engine": {"max_model_len": 1024, "num_threads": 1, "fault_injection": True},
+             "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "routing_stats_period_s": 0.5,
+             "health_check_period_s": 1})
+        base = f"http://127.0.0.1:{port}"
+        wait_healthy(base, DEADLINE_S)
+        client = connect()
+        wait_for(lambda: len(live_replicas(client)) == 2, "two live replicas")
+        model = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+        yield SimpleNamespace(base=base, client=client, handle=serve.get_deployment_handle("Replica", "raylm"),
+                              model=model)
+    finally:
+        stop_all(tmp)
+
+
+def wait_for(check, what: str, timeout_s: float = DEADLINE_S):
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def live_replicas(client) -> list[str]:
+    from router.routing import request_router_of
+
+    client.handle.get_load.remote().result(timeout_s=DEADLINE_S)  # makes sure the router exists
+    return request_router_of(client.handle).live_replica_ids()
+
+
+def busiest_replica(server) -> str:
+    from replicas.protocol import ReplicaTarget
+
+    loads = [server.handle.get_load.remote(ReplicaTarget(r)).result(timeout_s=DEADLINE_S)
+             for r in live_replicas(server.client)]
+    return max(loads, key=lambda load: load.num_streams).replica_id
+
+
+def kill_replica(replica_id: str) -> None:
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::raylm#Replica#{replica_id}", namespace="serve"), no_restart=True)
+
+
+def fail_engine(server, replica_id: str) -> None:
+    from replicas.protocol import ReplicaTarget
+
+    assert server.handle.inject_fault.remote(ReplicaTarget(replica_id)).result(timeout_s=DEADLINE_S) == replica_id
+
+
+def wait_two_live(server, lost: str) -> None:
+    """Serve replaces the lost replica; both routers (this process's and the HTTP one) see two."""
+    wait_for(lambda: (ids := live_replicas(server.client)) and len(ids) == 2 and lost not in ids,
+             "a replacement replica")
+    wait_for(lambda: requests.get(f"{server.base}/health", timeout=30).json().get("live_replicas") == 2,
+             "the HTTP router to see two live replicas")
+
+
+def retries(base: str) -> float:
+    text = requests.get(f"{base}/metrics", timeout=30).text
+    m = re.search(r"^raylm_request_retries_total ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def within(fn, timeout_s: float = DEADLINE_S):
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn).result(timeout=timeout_s)
+    finally:
+        pool.shutdown(wait=False)
+
+
+def stream_with_a_loss(server, prompt, params, request_id: str, lose) -> tuple[list[int], str, list]:
+    """Client.stream one prompt; after a few tokens, `lose(replica running it)`; all it yielded."""
+    from router.routing import request_router_of
+
+    ids, text, finishes, lost = [], [], [], []
+    for d in server.client.stream(prompt, params, request_id=request_id):
+        ids += d.token_ids
+        text.append(d.text)
+        if d.finish_reason:
+            finishes.append(d.finish_reason)
+        if len(ids) >= 6 and not lost:
+            replica = request_router_of(server.client.handle).replica_of(request_id)
+            lose(replica)
+            lost.append(replica)
+    assert lost, "the stream finished before a replica could be lost"
+    return ids, "".join(text), finishes + lost
+
+
+@pytest.mark.parametrize("how", ["actor_killed", "engine_failed"])
+def test_handle_stream_resumes_on_the_other_replica(server, how):
+    uninterrupted = ray.get(server.client.submit("Tell me about the ocean.", sp()), timeout=DEADLINE_S).outputs[0]
+    lose = kill_replica if how == "actor_killed" else (lambda r: fail_engine(server, r))
+    ids, text, (*finishes, lost) = within(
+        lambda: stream_with_a_loss(server, "Tell me about the ocean.", sp(), f"resume-{how}", lose))
+    assert ids == uninterrupted.token_ids and text == uninterrupted.text
+    assert finishes == ["length"]
+    wait_two_live(server, lost)
+
+
+def test_embeds_stream_resumes_with_seeded_sampling(server):
+    from transformers import AutoTokenizer
+
+    from replicas.loader import embedded_model_dir
+    from safetensors import safe_open
+
+    d = embedded_model_dir()
+    ids = AutoTokenizer.from_pretrained(d)("Where do comets come from?").input_ids
+    with safe_open(f"{d}/model.safetensors", "pt") as f:
+        embeds = ray.put(np.ascontiguousarray(f.get_tensor("model.embed_tokens.weight")[ids].numpy()))
+    params = sp(temperature=0.8, seed=1234)
+    uninterrupted = ray.get(server.client.submit({"prompt_embeds": embeds}, params), timeout=DEADLINE_S).outputs[0]
+    out_ids, text, (*finishes, lost) = within(
+        lambda: stream_with_a_loss(server, {"prompt_embeds": embeds}, params, "resume-embeds", kill_replica))
+    assert out_ids == uninterrupted.token_ids and text == uninterrupted.text
+    assert finishes == ["length"]
+    wait_two_live(server, lost)
+
+
+def test_http_streams_and_plain_requests_finish_unbroken_when_a_replica_is_killed(server):
+    prompts = ["Write a short note about rivers.", "Describe a busy market.", "Why do cats purr?",
+               "Explain how bridges stay up."]
+
+    async def scenario():
+        oa = AsyncOpenAI(api_key="EMPTY", base_url=f"{server.base}/v1", max_retries=0, timeout=DEADLINE_S)
+        greedy = dict(model=server.model, max_tokens=TOKENS, temperature=0.0, extra_body={"ignore_eos": True})
+        reference = [(await oa.completions.create(prompt=p, **greedy)).choices[0].text for p in prompts]
+        progress = [0] * len(prompts)
+
+        async def streamed(i: int) -> tuple[str, list]:
+            text, finishes = [], []
+            stream = await oa.completions.create(prompt=prompts[i], stream=True, **greedy)
+            async for chunk in stream:
+                for c in chunk.choices:
+                    text.append(c.text)
+                    progress[i] += 1
+                    if c.finish_reason:
+                        finishes.append(c.finish_reason)
+            return "".join(text), finishes
+
+        async def plain(i: int) -> str:
+            return (await oa.completions.create(prompt=prompts[i], **greedy)).choices[0].text
+
+        streams = [asyncio.create_task(streamed(i)) for i in range(len(prompts))]
+        plains = [asyncio.create_task(plain(i)) for i in range(2)]
+        deadline = time.monotonic() + DEADLINE_S
+        while min(progress) < 4:
+            assert time.monotonic() < deadline, "streams did not start"
+            await asyncio.sleep(0.05)
+        victim = await asyncio.to_thread(busiest_replica, server)
+        await asyncio.to_thread(kill_replica, victim)
+        results = await asyncio.wait_for(asyncio.gather(*streams), DEADLINE_S)
+        plain_texts = await asyncio.wait_for(asyncio.gather(*plains), DEADLINE_S)
+        return reference, results, plain_texts, victim
+
+    before = retries(server.base)
+    reference, results, plain_texts, victim = asyncio.run(scenario())
+    assert [text for text, _ in results] == reference
+    assert [finishes for _, finishes in results] == [["length"]] * len(reference)
+    assert plain_texts == reference[:2]
+    assert retries(server.base) > before, "the killed replica was running none of the requests"
+    wait_two_live(server, victim)
+
+
+def test_no_replica_left_ends_the_stream_with_a_clean_error_event(server):
+    replicas = live_replicas(server.client)
+
+    async def scenario():
+        oa = AsyncOpenAI(api_key="EMPTY", base_url=f"{server.base}/v1", max_retries=0, timeout=DEADLINE_S)
+        stream = await oa.completions.create(model=server.model, prompt="Count slowly:", max_tokens=600,
+                                             stream=True, extra_body={"ignore_eos": True})
+        got = 0
+        try:
+            async for chunk in stream:
+                got += len(chunk.choices)
+                if got == 4:
+                    for r in replicas:
+                        await asyncio.to_thread(fail_engine, server, r)
+        except openai.APIError as e:
+            return got, (e.body or {}).get("type")
+        return got, None
+
+    got, error_type = asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
+    assert got >= 4 and error_type == "service_unavailable_error"
+    for r in replicas:
+        wait_for(lambda: r not in live_replicas(server.client), f"replica {r} to be replaced")
+    wait_for(lambda: len(live_replicas(server.client)) == 2, "two replacement replicas")
