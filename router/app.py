@@ -197,18 +197,19 @@ class Router:
             params = dataclasses.replace(params, prompt_logprobs=params.logprobs)
         texts, embeds = req.text_prompts(), req.embeds_entries()
         if not texts and not embeds:
-            raise bad_request("either prompt or prompt_embeds must be provided and non-empty", "prompt")
+            raise bad_request(errors.EMPTY_PROMPT, "prompt")
         if embeds and req.echo:
-            raise bad_request("echo is not supported with prompt_embeds", "echo")
+            raise bad_request(errors.ECHO_WITH_EMBEDS, "echo")
         if embeds and req.prompt_logprobs is not None:
-            raise bad_request("prompt_logprobs is not supported with prompt_embeds", "prompt_logprobs")
+            raise bad_request(errors.PROMPT_LOGPROBS_WITH_EMBEDS, "prompt_logprobs")
         if len(texts) + len(embeds) > self.max_prompts:
             raise bad_request(f"at most {self.max_prompts} prompts per request", "prompt")
         for i, t in enumerate(texts):
             if len(t) == 0:
                 raise bad_request(f"prompt[{i}] is empty", "prompt")
-            if not isinstance(t, str) and not all(0 <= x < info.vocab_size for x in t):
-                raise bad_request(f"prompt[{i}] has token ids outside [0, {info.vocab_size})", "prompt")
+            bad = None if isinstance(t, str) else next((x for x in t if not 0 <= x < info.vocab_size), None)
+            if bad is not None:
+                raise bad_request(f"prompt[{i}]: {errors.out_of_vocabulary(bad)}", "prompt")
         # Lengths the replica would refuse are refused before any prompt is sent (text prompts are
         # tokenized only there: a refusal then aborts the request's other prompts).
         longest = info.max_model_len - (params.max_tokens or 1)

@@ -129,15 +129,14 @@ class Choice:
         out = {"index": self.index, "text": self.text,
                "logprobs": self.logprobs.to_dict() if self.logprobs else None,
                "finish_reason": self.finish_reason, "stop_reason": self.stop_reason}
-        if self.prompt_logprobs is not None:
-            out["prompt_logprobs"] = self.prompt_logprobs
+        out["prompt_logprobs"] = self.prompt_logprobs  # always there, null when not asked (as vLLM)
         return out
 
 
 def prompt_logprobs_json(entries: list) -> list:
     """vLLM's prompt_logprobs: None for the first prompt token, then {token id: logprob entry}."""
     return [None if e is None else
-            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+            {str(t): {"logprob": _lp(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
              for t, lp in e.items()} for e in entries]
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictBytes, StrictInt, StrictStr, field_validator
 
 from replicas.sampling_params import SamplingParams
 
@@ -44,8 +44,9 @@ class CompletionRequest(BaseModel):
     include_stop_str_in_output: StrictBool = False
     seed: Annotated[StrictInt, Field(ge=-(2 ** 63), le=2 ** 63 - 1)] | None = None
     ignore_eos: StrictBool = False
-    logprobs: StrictInt | None = None
-    prompt_logprobs: StrictInt | None = None
+    # vLLM's lax parsing reads true / false as 1 / 0 here; clients send `"prompt_logprobs": true`.
+    logprobs: StrictInt | StrictBool | None = None
+    prompt_logprobs: StrictInt | StrictBool | None = None
     echo: StrictBool = False
     presence_penalty: float | None = 0.0
     frequency_penalty: float | None = 0.0
@@ -54,6 +55,11 @@ class CompletionRequest(BaseModel):
     skip_special_tokens: StrictBool = True
     logit_bias: dict[str, float] | None = None
     user: StrictStr | None = None
+
+    @field_validator("logprobs", "prompt_logprobs")
+    @classmethod
+    def _bool_as_int(cls, value):
+        return int(value) if isinstance(value, bool) else value
 
     def sampling_params(self) -> SamplingParams:
         """The engine's SamplingParams; raises ValueError on out-of-range values."""

@@ -19,6 +19,7 @@ import requests
 import torch
 
 from serve_utils import free_port, start_ray, start_serve, stop_all, wait_healthy
+from sparse_payloads import coo, csr
 from torch_save_layout import (build, case_collision, legacy_bytearray_bomb, opcode_flood, records_of,
                                saved)
 
@@ -126,6 +127,29 @@ def test_negative_bit_tensor_is_served_as_its_resolved_values(server):
     plain = post(server, "its resolved twin", embeds_body(saved(-GOOD), max_tokens=4))
     assert neg.status_code == plain.status_code == 200, neg.text[:300]
     assert neg.json()["choices"][0]["text"] == plain.json()["choices"][0]["text"]
+
+
+SPARSE_ATTACKS = {  # CVE-2025-62164's class: sparse tensors torch would densify out of bounds
+    "COO index far out of range": (coo([[0, 2**40], [0, 1]], [1.0, 2.0], (3, HIDDEN)), 400),
+    "COO negative index": (coo([[0, -2**63], [0, 1]], [1.0, 2.0], (3, HIDDEN)), 400),
+    "CSR row pointers past nnz": (csr([0, 1, 2, 2**40], [0, 1], [1.0, 2.0], (3, HIDDEN)), 400),
+    "CSR column out of range": (csr([0, 1, 2, 2], [0, 2**40], [1.0, 2.0], (3, HIDDEN)), 400),
+    "COO 1M entries, zero strides": (coo(torch.zeros(1, dtype=torch.int64).expand(2, 10**6),
+                                         torch.zeros(1).expand(10**6), (3, HIDDEN)), 413),
+    "COO of shape (2**28, hidden)": (coo([[0], [0]], [1.0], (2**28, HIDDEN)), 413),
+}
+
+
+def test_sparse_attacks_are_refused_without_memory_growth(server):
+    before = peak_rss_mb(server.router)
+    for name, (payload, status) in SPARSE_ATTACKS.items():
+        refused(post(server, name, embeds_body(payload)), status)
+    grown = peak_rss_mb(server.router) - before
+    assert grown < 256, f"the Router's peak memory grew by {grown} MB"
+    dense = post(server, "dense twin", embeds_body(saved(GOOD), max_tokens=4))
+    sparse = post(server, "valid CSR", embeds_body(saved(GOOD.to_sparse_csr()), max_tokens=4))
+    assert dense.status_code == sparse.status_code == 200, sparse.text[:300]
+    assert sparse.json()["choices"][0]["text"] == dense.json()["choices"][0]["text"]
 
 
 FOUR_MB = 4 * 1024 * 1024
