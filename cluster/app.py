@@ -15,8 +15,10 @@ args (all optional):
   model               model path / hub id; None: the embedded default (SmolLM2-135M-Instruct)
   engine              dict of LLM keyword arguments (max_model_len, load_format, dtype, ...)
   num_replicas        int, "auto" (Serve autoscaling) or "per_gpu" (the cluster's GPUs divided by
-                      the GPUs each replica asks for, counted when the app is built; default 1)
-  ray_actor_options   per replica, e.g. {"num_gpus": 1}; default {"num_cpus": 0.5}
+                      the GPUs each replica asks for, counted when the app is built; default per_gpu
+                      when replicas ask for GPUs, else 1)
+  ray_actor_options   per replica, e.g. {"num_gpus": 1}; default {"num_gpus": 1, "num_cpus": 1} on a
+                      cluster with GPUs (one replica per GPU, the CUDA engine), else {"num_cpus": 0.5}
   max_replicas_per_node  spread replicas across nodes
   max_ongoing_requests   per replica (default 256), then requests queue in the router
   max_queued_requests    per router, beyond which requests get 429 (default 512)
@@ -53,6 +55,14 @@ _KNOWN = {"model", "engine", "num_replicas", "ray_actor_options", "max_replicas_
           "stream_batching"}
 
 
+def _default_actor_options() -> dict:
+    """One GPU per replica where the cluster has GPUs (then one replica per GPU), else half a CPU."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    return {"num_gpus": 1, "num_cpus": 1} if gpus >= 1 else {"num_cpus": 0.5}
+
+
 def _num_replicas(value: Any, actor_options: dict, ranks: int = 1) -> Any:
     if value != "per_gpu":
         return value
@@ -73,12 +83,13 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     if unknown:
         raise ValueError(f"unknown raylm app arguments: {', '.join(unknown)}; known: {', '.join(sorted(_KNOWN))}")
 
-    actor_options = dict(args.get("ray_actor_options") or {"num_cpus": 0.5})
+    actor_options = dict(args.get("ray_actor_options") or _default_actor_options())
     engine = dict(args.get("engine") or {})
     ranks = int(engine.get("tensor_parallel_size") or 1)
     replica_options: dict[str, Any] = dict(
         name="Replica",
-        num_replicas=_num_replicas(args.get("num_replicas", 1), actor_options, ranks),
+        num_replicas=_num_replicas(args.get("num_replicas", "per_gpu" if actor_options.get("num_gpus") else 1),
+                                   actor_options, ranks),
         ray_actor_options=actor_options,
         max_ongoing_requests=int(args.get("max_ongoing_requests", 256)),
         max_queued_requests=int(args.get("max_queued_requests", 512)),

@@ -110,3 +110,40 @@ def b64_embeds(tensor) -> str:
 def sse_events(response: requests.Response) -> list[str]:
     """The `data:` payloads of an SSE response, in order."""
     return [line[len("data: "):] for line in response.iter_lines(decode_unicode=True) if line.startswith("data: ")]
+
+
+def wait_for(check, what: str, timeout_s: float = 120):
+    """check()'s first truthy value, polled; AssertionError after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+    return value
+
+
+def within(fn, timeout_s: float = 120):
+    """fn() in a thread, or TimeoutError after timeout_s (for blocking iterators)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn).result(timeout=timeout_s)
+    finally:
+        pool.shutdown(wait=False)  # a hung call must not hold the test past its deadline
+
+
+def live_replicas(client, timeout_s: float = 120) -> list[str]:
+    """Replica ids a `cluster.connect()` client's router may send to (it learns changes from Serve)."""
+    from router.routing import request_router_of
+
+    client.handle.get_load.remote().result(timeout_s=timeout_s)  # makes sure the router exists
+    return request_router_of(client.handle).live_replica_ids()
+
+
+def retries(base: str) -> float:
+    """The router's count of prompts sent again after their replica was lost (its /metrics)."""
+    import re
+
+    text = requests.get(f"{base}/metrics", timeout=30).text
+    m = re.search(r"^raylm_request_retries_total ([0-9.e+]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0

@@ -226,3 +226,54 @@ def test_shutdown_ends_waiting_requests(tiny_engine):
 
     assert run(scenario()) == ["EngineDeadError"] * 2
     assert tiny_engine.dead_reason == "engine shut down"
+
+
+# -- delta streams ---------------------------------------------------------------------------------
+def _joined(batches) -> dict[int, dict]:
+    """Each completion's deltas appended: text, token ids, logprobs entries and finish reasons."""
+    out: dict[int, dict] = {}
+    for batch in batches:
+        for o in batch:
+            for c in o.outputs:
+                d = out.setdefault(c.index, {"text": "", "ids": [], "logprobs": [], "finishes": []})
+                d["text"] += c.text
+                d["ids"] += c.token_ids
+                d["logprobs"] += c.logprobs or []
+                d["finishes"] += [c.finish_reason] if c.finish_reason else []
+    return out
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=12, temperature=0.0),
+    SamplingParams(max_tokens=12, n=2, seed=5, logprobs=2, ignore_eos=True),
+    SamplingParams(max_tokens=30, temperature=0.0, stop=[" is"], ignore_eos=True),
+], ids=["greedy", "n2-logprobs", "stop-string"])
+def test_stream_deltas_add_up_to_the_cumulative_output(aengine, params):
+    async def both():
+        cumulative = [o async for o in aengine.generate("cum", "The capital of France is", params)][-1]
+        batches = [b async for b in aengine.stream("delta", "The capital of France is", params)]
+        return cumulative, batches
+
+    cumulative, batches = run(both())
+    joined = _joined(batches)
+    for c in cumulative.outputs:
+        assert joined[c.index]["text"] == c.text and joined[c.index]["ids"] == c.token_ids
+        assert joined[c.index]["finishes"] == [c.finish_reason]
+        assert joined[c.index]["logprobs"] == (c.logprobs or [])
+    outs = [o for b in batches for o in b]
+    assert [o.finished for o in outs].count(True) == 1 and outs[-1].finished
+    assert sum(o.prompt_token_ids is not None for o in outs) == 1  # the prompt fields come once
+    assert idle(aengine) and aengine.num_streams == 0
+
+
+def test_stream_folds_the_steps_made_during_its_interval(aengine):
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+    async def batches(interval_s):
+        return [b async for b in aengine.stream(f"fold-{interval_s}", "Once upon a time", params,
+                                                interval_s=lambda: interval_s)]
+
+    every_step, folded = run(batches(0.0)), run(batches(0.5))
+    assert _joined(every_step)[0]["ids"] == _joined(folded)[0]["ids"]
+    assert len(folded) < len(every_step) and any(len(b) > 1 for b in folded)
+    assert folded[-1][-1].finished

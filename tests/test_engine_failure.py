@@ -9,9 +9,6 @@ Serve replaces the failed replica once its health check fails. Every wait has a 
 from __future__ import annotations
 
 import asyncio
-import re
-import time
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import openai
@@ -20,7 +17,8 @@ import ray
 import requests
 from openai import AsyncOpenAI
 
-from serve_utils import free_port, start_ray, start_serve, stop_all, wait_healthy
+from serve_utils import (free_port, live_replicas, retries, start_ray, start_serve, stop_all, wait_for, wait_healthy,
+                         within)
 from tiny_model import TINY_ENGINE, tiny_config
 
 DEADLINE_S = 120  # every wait in this module ends by then
@@ -54,35 +52,8 @@ def server(tmp_path_factory):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def wait_for(check, what: str, timeout_s: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
 
 
-def within(fn, timeout_s: float = DEADLINE_S):
-    """fn() in a thread, or TimeoutError after timeout_s (for blocking iterators)."""
-    pool = ThreadPoolExecutor(1)
-    try:
-        return pool.submit(fn).result(timeout=timeout_s)
-    finally:
-        pool.shutdown(wait=False)
-
-
-def live_replicas(client) -> list[str]:
-    """Replica ids the client's router may send to (it learns replica changes from Serve)."""
-    from router.routing import request_router_of
-
-    client.handle.get_load.remote().result(timeout_s=DEADLINE_S)  # makes sure the router exists
-    return request_router_of(client.handle).live_replica_ids()
-
-
-def retries(base: str) -> float:
-    text = requests.get(f"{base}/metrics", timeout=30).text
-    m = re.search(r"^raylm_request_retries_total ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
 
 
 def openai_client(server) -> AsyncOpenAI:

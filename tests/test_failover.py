@@ -10,9 +10,7 @@ client. Every wait has a deadline.
 from __future__ import annotations
 
 import asyncio
-import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import numpy as np
@@ -22,7 +20,8 @@ import ray
 import requests
 from openai import AsyncOpenAI
 
-from serve_utils import free_port, start_ray, start_serve, stop_all, wait_healthy
+from serve_utils import (free_port, live_replicas, retries, start_ray, start_serve, stop_all, wait_for,
+                         wait_healthy, within)
 
 DEADLINE_S = 180
 TOKENS = 40
@@ -92,7 +91,7 @@ def server():
         base = f"http://127.0.0.1:{port}"
         wait_healthy(base, DEADLINE_S)
         client = connect()
-        wait_for(lambda: len(live_replicas(client)) == 2, "two live replicas")
+        wait_for(lambda: len(live_replicas(client)) == 2, "two live replicas", DEADLINE_S)
         model = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
         yield SimpleNamespace(base=base, client=client, handle=serve.get_deployment_handle("Replica", "raylm"),
                               model=model)
@@ -100,19 +99,6 @@ def server():
         stop_all(tmp)
 
 
-def wait_for(check, what: str, timeout_s: float = DEADLINE_S):
-    deadline = time.monotonic() + timeout_s
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-    return value
-
-
-def live_replicas(client) -> list[str]:
-    from router.routing import request_router_of
-
-    client.handle.get_load.remote().result(timeout_s=DEADLINE_S)  # makes sure the router exists
-    return request_router_of(client.handle).live_replica_ids()
 
 
 def busiest_replica(server) -> str:
@@ -136,23 +122,10 @@ def fail_engine(server, replica_id: str) -> None:
 def wait_two_live(server, lost: str) -> None:
     """Serve replaces the lost replica; both routers (this process's and the HTTP one) see two."""
     wait_for(lambda: (ids := live_replicas(server.client)) and len(ids) == 2 and lost not in ids,
-             "a replacement replica")
+             "a replacement replica", DEADLINE_S)
     wait_for(lambda: requests.get(f"{server.base}/health", timeout=30).json().get("live_replicas") == 2,
-             "the HTTP router to see two live replicas")
+             "the HTTP router to see two live replicas", DEADLINE_S)
 
-
-def retries(base: str) -> float:
-    text = requests.get(f"{base}/metrics", timeout=30).text
-    m = re.search(r"^raylm_request_retries_total ([0-9.e+]+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
-
-
-def within(fn, timeout_s: float = DEADLINE_S):
-    pool = ThreadPoolExecutor(1)
-    try:
-        return pool.submit(fn).result(timeout=timeout_s)
-    finally:
-        pool.shutdown(wait=False)
 
 
 def stream_with_a_loss(server, prompt, params, request_id: str, lose) -> tuple[list[int], str, list]:
@@ -178,7 +151,7 @@ def test_handle_stream_resumes_on_the_other_replica(server, how):
     uninterrupted = ray.get(server.client.submit("Tell me about the ocean.", sp()), timeout=DEADLINE_S).outputs[0]
     lose = kill_replica if how == "actor_killed" else (lambda r: fail_engine(server, r))
     ids, text, (*finishes, lost) = within(
-        lambda: stream_with_a_loss(server, "Tell me about the ocean.", sp(), f"resume-{how}", lose))
+        lambda: stream_with_a_loss(server, "Tell me about the ocean.", sp(), f"resume-{how}", lose), DEADLINE_S)
     assert ids == uninterrupted.token_ids and text == uninterrupted.text
     assert finishes == ["length"]
     wait_two_live(server, lost)
@@ -269,5 +242,5 @@ def test_no_replica_left_ends_the_stream_with_a_clean_error_event(server):
     got, error_type = asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
     assert got >= 4 and error_type == "service_unavailable_error"
     for r in replicas:
-        wait_for(lambda: r not in live_replicas(server.client), f"replica {r} to be replaced")
-    wait_for(lambda: len(live_replicas(server.client)) == 2, "two replacement replicas")
+        wait_for(lambda: r not in live_replicas(server.client), f"replica {r} to be replaced", DEADLINE_S)
+    wait_for(lambda: len(live_replicas(server.client)) == 2, "two replacement replicas", DEADLINE_S)
