@@ -6,9 +6,7 @@ service keeps answering when one node is removed.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import threading
 import time
 from types import SimpleNamespace
@@ -16,9 +14,9 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from serve_utils import code_on_path, free_port, start_serve, temp_dir, wait_healthy
+from fake_cluster import fake_gpu_cluster
+from serve_utils import wait_healthy
 
-MB = 1024 * 1024
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 49152, "max_position_embeddings": 2048,
         "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": True, "rms_norm_eps": 1e-5}
@@ -26,48 +24,18 @@ TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    import ray
-    from ray import serve
-    from ray.cluster_utils import Cluster
-
     from cluster.app import run
 
-    code_on_path()
-    tmp = temp_dir("multi")
-    # Cluster() records its address in $RAY_TMPDIR/ray/ray_current_cluster: keep that file (which
-    # `ray.init("auto")` reads) inside our own directory, away from other Ray users of this machine.
-    old_tmpdir = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp
-    os.makedirs(os.path.join(tmp, "ray"), exist_ok=True)
     config = tmp_path_factory.mktemp("tiny") / "tiny-llama.json"
     config.write_text(json.dumps(TINY))
-    c = Cluster(initialize_head=True, head_node_args={
-        "gcs_server_port": free_port(), "num_cpus": 2, "resources": {"head": 1}, "object_store_memory": 100 * MB,
-        "temp_dir": tmp, "include_dashboard": False})
-    gpu_nodes = [c.add_node(num_cpus=1, num_gpus=1, object_store_memory=80 * MB, temp_dir=tmp) for _ in range(2)]
-    try:
-        ray.init(address=c.address, log_to_driver=False)
-        port = free_port()
-        start_serve(port)
+    with fake_gpu_cluster("multi", [{"num_cpus": 1, "num_gpus": 1}] * 2) as fake:
         run({"name": "raylm", "model": str(config),
              "engine": {"load_format": "dummy", "max_model_len": 1024, "kv_cache_memory_gb": 0.02,
                         "num_threads": 1},
              "num_replicas": 2, "routing_stats_period_s": 0.5, "ray_actor_options": {"num_gpus": 1, "num_cpus": 0.5},
              "router_actor_options": {"resources": {"head": 0.01}}})
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base)
-        yield SimpleNamespace(cluster=c, gpu_nodes=gpu_nodes, base=base)
-    finally:
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            c.shutdown()
-            if old_tmpdir is None:
-                os.environ.pop("RAY_TMPDIR", None)
-            else:
-                os.environ["RAY_TMPDIR"] = old_tmpdir
-            shutil.rmtree(tmp, ignore_errors=True)
+        wait_healthy(fake.base)
+        yield SimpleNamespace(cluster=fake.cluster, gpu_nodes=fake.nodes, base=fake.base)
 
 
 def complete(base: str, prompt: str, max_tokens: int = 4, timeout_s: float = 300) -> requests.Response:
