@@ -2,6 +2,7 @@
 
     raylm serve [--config FILE] [--model M] [--num-replicas N] [--port P] [--host H]
                 [--address ADDR] [--api-key K] [--engine KEY=VALUE ...]
+                [--stream-messages-per-s N] [--stream-interval-ms MS]
     raylm generate (--prompt TEXT | --embeds FILE.pt)... [--max-tokens N] [--temperature T]
     raylm status [--address ADDR]
 
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--engine", type=_engine_option, action="append", default=[],
                        metavar="KEY=VALUE", help="an engine option, e.g. max_model_len=2048")
     serve.add_argument("--api-key", help="require this bearer token")
+    serve.add_argument("--stream-messages-per-s", type=float,
+                       help="per replica, the stream messages a second it aims at while many streams are open "
+                            "(default 2000; more streams: several steps per message)")
+    serve.add_argument("--stream-interval-ms", type=float,
+                       help="least time between two messages of one stream (default 0: every engine step)")
     serve.add_argument("--route-prefix", help="HTTP route prefix (default /)")
     serve.add_argument("--name", help="Serve application name (default raylm)")
     serve.add_argument("--host", help="HTTP host (default 127.0.0.1)")
@@ -87,6 +93,10 @@ def build_app_args(ns: argparse.Namespace) -> dict[str, Any]:
             args[key] = getattr(ns, flag)
     if ns.engine:
         args["engine"] = dict(ns.engine)
+    batching = {k: v for k, v in (("messages_per_s", ns.stream_messages_per_s),
+                                  ("interval_ms", ns.stream_interval_ms)) if v is not None}
+    if batching:
+        args["stream_batching"] = batching
     actor_options = {k: v for k, v in (("num_cpus", ns.num_cpus), ("num_gpus", ns.num_gpus))
                      if v is not None}
     if actor_options:

@@ -73,6 +73,16 @@ def test_serve_flags_become_build_app_args():
     }
 
 
+def test_stream_batching_flags_become_the_stream_batching_arg():
+    from cluster.app import build_app
+
+    args = build_app_args(parse("serve", "--stream-messages-per-s", "500", "--stream-interval-ms", "20"))
+    assert args == {"stream_batching": {"messages_per_s": 500.0, "interval_ms": 20.0}}
+    assert type(build_app(args)).__name__ == "Application"
+    with pytest.raises(ValueError, match="stream_batching"):
+        build_app({"stream_batching": {"every_ms": 5}})
+
+
 def test_unset_serve_flags_leave_build_app_defaults():
     ns = parse("serve")
     assert build_app_args(ns) == {}

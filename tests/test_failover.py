@@ -221,6 +221,31 @@ def test_http_streams_and_plain_requests_finish_unbroken_when_a_replica_is_kille
     wait_two_live(server, victim)
 
 
+def test_each_of_n_completions_resumes_with_its_own_seed(server):
+    """n = 2 sampled completions: each unfinished one resumes as its own request, seeded as it was."""
+    async def scenario():
+        oa = AsyncOpenAI(api_key="EMPTY", base_url=f"{server.base}/v1", max_retries=0, timeout=DEADLINE_S)
+        sampled = dict(model=server.model, prompt="Name some colours:", max_tokens=TOKENS, n=2, temperature=0.8,
+                       seed=99, extra_body={"ignore_eos": True})
+        reference = sorted((c.index, c.text) for c in (await oa.completions.create(**sampled)).choices)
+        texts, finishes, victim = {0: [], 1: []}, [], None
+        stream = await oa.completions.create(stream=True, **sampled)
+        async for chunk in stream:
+            for c in chunk.choices:
+                texts[c.index].append(c.text)
+                finishes += [c.finish_reason] if c.finish_reason else []
+            if victim is None and min(len(t) for t in texts.values()) >= 3:
+                victim = await asyncio.to_thread(busiest_replica, server)
+                await asyncio.to_thread(kill_replica, victim)
+        return reference, sorted((i, "".join(t)) for i, t in texts.items()), finishes, victim
+
+    before = retries(server.base)
+    reference, streamed, finishes, victim = asyncio.run(asyncio.wait_for(scenario(), DEADLINE_S))
+    assert streamed == reference and finishes == ["length", "length"]
+    assert victim is not None and retries(server.base) > before
+    wait_two_live(server, victim)
+
+
 def test_no_replica_left_ends_the_stream_with_a_clean_error_event(server):
     replicas = live_replicas(server.client)
 
