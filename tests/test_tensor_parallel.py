@@ -4,7 +4,6 @@ and embeds prompts, chunked prefill and prefix-cache hits; a worker that dies en
 a clear error, never a hang."""
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +14,7 @@ import torch
 from cluster import LLM, SamplingParams
 from replicas.parallel.runner import TensorParallelError
 from tests.engine_support import CHATS, chat_token_ids, embedded_tokenizer, make_tiny_model
-from tests.serve_utils import start_ray
+from tests.tp_support import mixed_prompts, ray_for_module
 from tests.tiny_model import TINY_ENGINE, tiny_config
 
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
@@ -24,26 +23,12 @@ DEADLINE_S = 120
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster():
-    import ray
-
-    # Logical CPUs: each rank's bundle asks for one (the offline engines of this module coexist).
-    tmp = start_ray("tp", num_cpus=16, object_store_mb=100)
-    yield
-    ray.shutdown()
-    shutil.rmtree(tmp, ignore_errors=True)
+    yield from ray_for_module("tp")
 
 
 @pytest.fixture(scope="module")
 def tok():
     return embedded_tokenizer()
-
-
-def prompts_for(llm: LLM, tok) -> list:
-    """Text, token ids, embeds (rows of the TP=1 engine's input layer) and a segmented prompt."""
-    ids = [chat_token_ids(tok, c) for c in CHATS]
-    embeds = llm.get_input_embeddings(ids[1])
-    return ["The three primary colors are", {"prompt_token_ids": ids[0]}, {"prompt_embeds": embeds},
-            {"prompt_segments": [ids[2][:4], llm.get_input_embeddings(ids[2][4:12]), ids[2][12:]]}]
 
 
 def assert_same_tokens(one: LLM, two: LLM, prompts: list, params: SamplingParams = GREEDY) -> None:
@@ -66,7 +51,7 @@ def test_random_models_tp2_match_tp1(tmp_path, tok, model_type, overrides):
     two = LLM(model=str(tmp_path), tensor_parallel_size=2, **opts)
     ids = [5, 900, one.engine.model_config.vocab_size - 1]  # the last id: in the last rank's rows
     assert torch.equal(two.get_input_embeddings(ids), one.get_input_embeddings(ids))
-    prompts = prompts_for(one, tok)
+    prompts = mixed_prompts(one, tok)
     assert_same_tokens(one, two, prompts)
     assert_same_tokens(one, two, prompts)  # again: prefix-cache hits
     # logprobs and prompt logprobs: the LM head's gather also for scored prompt rows
@@ -82,7 +67,7 @@ def test_embedded_default_tp2_matches_tp1(embedded_llm, tok):
     two = LLM(model=None, tensor_parallel_size=2, num_threads=1)
     shard = two.engine.runner.model.layers[0].self_attn
     assert (shard.num_heads, shard.num_kv_heads) == (6, 2)  # 9 heads over 3 KV heads: 2 groups here, 1 there
-    assert_same_tokens(embedded_llm, two, prompts_for(embedded_llm, tok), SamplingParams(max_tokens=12, temperature=0.0))
+    assert_same_tokens(embedded_llm, two, mixed_prompts(embedded_llm, tok), SamplingParams(max_tokens=12, temperature=0.0))
 
 
 def test_fewer_kv_heads_than_ranks(tmp_path, tok):
