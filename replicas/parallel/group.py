@@ -7,6 +7,7 @@ tests may build and drop them) without global state.
 from __future__ import annotations
 
 import datetime
+import os
 import uuid
 from dataclasses import dataclass
 
@@ -47,6 +48,10 @@ class CommGroup:
         self.rank, self.size, self.device = rank, rdv.world_size, device
         if rdv.backend == "nccl":
             from torch.distributed import ProcessGroupNCCL
+
+            # A failed or aborted collective raises here rather than ending the process (torch's
+            # default): the engine reports it, and a Serve replica is replaced.
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
 
             options = ProcessGroupNCCL.Options()
             options._timeout = timeout
