@@ -102,3 +102,29 @@ def test_worker_death_fails_the_engine_cleanly(tmp_path):
     with pytest.raises(TensorParallelError):  # and every later call, at once
         llm.generate("Anyone there?", SamplingParams(max_tokens=2), use_tqdm=False)
     assert time.monotonic() - started < 5
+
+
+def test_worker_death_while_idle_is_noticed(tmp_path):
+    import ray
+
+    llm = LLM(model=tiny_config(tmp_path), tensor_parallel_size=2, **TINY_ENGINE)
+    assert len(llm.generate("Hi", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids) == 2
+    ray.kill(llm.engine.runner.workers[0])
+    deadline = time.monotonic() + DEADLINE_S
+    while True:  # the monitor learns it without any step running (a Serve health check then fails)
+        try:
+            llm.engine.runner.check_health()
+        except TensorParallelError as e:
+            assert "rank 1 died" in str(e)
+            break
+        assert time.monotonic() < deadline, "the dead worker went unnoticed"
+        time.sleep(0.1)
+
+
+def test_sizes_the_model_cannot_take_are_refused_before_starting_workers(tmp_path):
+    import ray
+
+    groups = len(ray.util.placement_group_table())  # every group made, removed ones too
+    with pytest.raises(ValueError, match="attention heads"):
+        LLM(model=tiny_config(tmp_path), tensor_parallel_size=8, **TINY_ENGINE)  # 4 heads
+    assert len(ray.util.placement_group_table()) == groups
