@@ -121,7 +121,7 @@ async def _client(url: str, bodies: list[bytes], concurrency: int, queue_at: lis
                     continue
                 usage = None
                 async for line in r.content:
-                    if line.startswith(b"data: {") and b'"usage"' in line:
+                    if line.startswith(b"data: {") and b'"completion_tokens"' in line:  # the usage chunk
                         usage = json.loads(line[6:]).get("usage") or usage
                 tokens += (usage or {}).get("completion_tokens", 0)
 

