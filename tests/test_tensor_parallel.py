@@ -54,6 +54,11 @@ def test_random_models_tp2_match_tp1(tmp_path, tok, model_type, overrides):
     prompts = mixed_prompts(one, tok)
     assert_same_tokens(one, two, prompts)
     assert_same_tokens(one, two, prompts)  # again: prefix-cache hits
+    # more than the 64 KV blocks hold: preempted sequences recompute into new block-table rows
+    crowd = [{"prompt_token_ids": chat_token_ids(tok, c)} for c in CHATS] * 3
+    before = two.engine.scheduler.num_preemptions
+    assert_same_tokens(one, two, crowd, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True))
+    assert two.engine.scheduler.num_preemptions > before
     # logprobs and prompt logprobs: the LM head's gather also for scored prompt rows
     params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=2, prompt_logprobs=1)
     a, b = (llm.generate(prompts[1], params, use_tqdm=False)[0] for llm in (one, two))
