@@ -263,11 +263,22 @@ def main() -> None:
     if not args.skip_dp:
         for n in args.dp if args.dp is not None else sizes:
             result["data_parallel"]["runs"].append(child(args, "dp", n))
-    summarize(result)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"scale-{slug(info['gpu'])}-x{gpus}.json"
+    if path.exists():  # runs split over several invocations (a command limit) add up in one file
+        merge(result, json.loads(path.read_text()))
+    summarize(result)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {path}")
+
+
+def merge(result: dict, earlier: dict) -> None:
+    """Keep the earlier file's successful runs of configurations this invocation did not run well."""
+    for part, key in (("tensor_parallel", ("tensor_parallel_size", "cuda_graphs")), ("data_parallel", ("replicas",))):
+        ran = {tuple(r.get(k) for k in key) for r in result[part]["runs"] if "error" not in r}
+        kept = [r for r in earlier.get(part, {}).get("runs", [])
+                if "error" not in r and tuple(r.get(k) for k in key) not in ran]
+        result[part]["runs"] = kept + result[part]["runs"]
 
 
 def summarize(result: dict) -> None:
