@@ -236,6 +236,10 @@ def main() -> None:
     ap.add_argument("--child-eager", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
 
+    for name in ("tokenizer", "tp_model", "dp_model"):  # Ray workers may start elsewhere: absolute paths
+        value = getattr(args, name)
+        if value and os.path.exists(value):
+            setattr(args, name, os.path.abspath(value))
     if args.child:
         result = tp_child(args) if args.child == "tp" else dp_child(args)
         print("RESULT " + json.dumps(result), flush=True)
