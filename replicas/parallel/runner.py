@@ -35,6 +35,7 @@ from replicas.scheduler import SchedulerOutput
 from replicas.step_inputs import StepBatch
 
 logger = logging.getLogger(__name__)
+_ABORT_WAIT_S = 5.0
 
 RENDEZVOUS_TIMEOUT_S = 600.0  # also every collective's limit: a wedged rank fails after this
 
@@ -90,7 +91,6 @@ class TensorParallelRunner(ModelRunner):
                                          name="raylm-tp-monitor", daemon=True)
         self._monitor.start()
         self._finalizer = weakref.finalize(self, _shutdown, self.health, self.workers, self.placement, self.group)
-        self._finalizer.atexit = False  # at exit Ray ends the workers itself
         logger.info("tensor parallel: %d ranks (%s), rank 0 on %s", size, backend_for(device), device)
 
     @staticmethod
@@ -179,13 +179,18 @@ def _watch(health: _Health, workers: list, group: CommGroup) -> None:
 
 def _shutdown(health: _Health, workers: list, placement: pl.Placement, group: CommGroup | None) -> None:
     health.closing = True
+    if ray.is_initialized():  # else Ray ended first: it took the workers with it
+        for w in workers:
+            try:
+                ray.kill(w)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        placement.release()
     if group is not None:
-        group.abort()
-    if not ray.is_initialized():  # Ray ended first: it took the workers and the group with it
-        return
-    for w in workers:
-        try:
-            ray.kill(w)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-    placement.release()
+        # NCCL's abort was seen to block for minutes once the 8B model had run with graphs (H200 x2):
+        # give it a few seconds on a daemon thread, then go on without it.
+        aborting = threading.Thread(target=group.abort, name="raylm-tp-abort", daemon=True)
+        aborting.start()
+        aborting.join(_ABORT_WAIT_S)
+        if aborting.is_alive():
+            logger.warning("tensor-parallel group abort still blocked after %.0f s; leaving it", _ABORT_WAIT_S)
