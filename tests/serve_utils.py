@@ -81,10 +81,10 @@ def wait_healthy(base_url: str, timeout_s: float = 180) -> None:
 
 
 @contextlib.contextmanager
-def serving(tag: str, app_args: dict, num_cpus: int = 2):
+def serving(tag: str, app_args: dict, num_cpus: int = 2, object_store_mb: int = 200, timeout_s: float = 180):
     """A private Ray cluster with Serve on a free port running `cluster.app.run(app_args)`, torn
     down when the block ends; yields the base URL once /health answers."""
-    tmp = start_ray(tag, num_cpus=num_cpus)
+    tmp = start_ray(tag, num_cpus=num_cpus, object_store_mb=object_store_mb)
     try:
         from cluster.app import run
 
@@ -92,10 +92,29 @@ def serving(tag: str, app_args: dict, num_cpus: int = 2):
         start_serve(port)
         run(app_args)
         base = f"http://127.0.0.1:{port}"
-        wait_healthy(base)
+        wait_healthy(base, timeout_s)
         yield base
     finally:
         stop_all(tmp)
+
+
+@contextlib.contextmanager
+def serving_replicas(tag: str, app_args: dict, timeout_s: float = 180):
+    """serving() once all `num_replicas` replicas are live; yields the base URL, a `connect()`
+    client, the Replica deployment's handle and the served model's id."""
+    from types import SimpleNamespace
+
+    with serving(tag, app_args, timeout_s=timeout_s) as base:
+        from ray import serve
+
+        from cluster.client import connect
+
+        client = connect()
+        n = app_args["num_replicas"]
+        wait_for(lambda: len(live_replicas(client)) == n, f"{n} live replicas", timeout_s)
+        model = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
+        yield SimpleNamespace(base=base, client=client, handle=serve.get_deployment_handle("Replica", "raylm"),
+                              model=model)
 
 
 def b64_embeds(tensor) -> str:

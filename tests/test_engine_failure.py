@@ -9,7 +9,6 @@ Serve replaces the failed replica once its health check fails. Every wait has a 
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import openai
 import pytest
@@ -17,8 +16,7 @@ import ray
 import requests
 from openai import AsyncOpenAI
 
-from serve_utils import (free_port, live_replicas, retries, start_ray, start_serve, stop_all, wait_for, wait_healthy,
-                         within)
+from serve_utils import live_replicas, retries, serving_replicas, wait_for, within
 from tiny_model import TINY_ENGINE, tiny_config
 
 DEADLINE_S = 120  # every wait in this module ends by then
@@ -27,28 +25,12 @@ LONG_TOKENS = 1000
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    tmp = start_ray("fail", num_cpus=2)
-    try:
-        from ray import serve
-
-        from cluster.app import run
-        from cluster.client import connect
-
-        port = free_port()
-        start_serve(port)
-        run({"name": "raylm", "model": tiny_config(tmp_path_factory.mktemp("tiny")),
-             "engine": {**TINY_ENGINE, "fault_injection": True}, "num_replicas": 2,
-             "ray_actor_options": {"num_cpus": 0.5}, "routing_stats_period_s": 0.5,
-             "health_check_period_s": 1})
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base)
-        client = connect()
-        wait_for(lambda: len(live_replicas(client)) == 2, "two live replicas")
-        model = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
-        yield SimpleNamespace(base=base, client=client, handle=serve.get_deployment_handle("Replica", "raylm"),
-                              model=model)
-    finally:
-        stop_all(tmp)
+    with serving_replicas("fail", {
+            "name": "raylm", "model": tiny_config(tmp_path_factory.mktemp("tiny")),
+            "engine": {**TINY_ENGINE, "fault_injection": True}, "num_replicas": 2,
+            "ray_actor_options": {"num_cpus": 0.5}, "routing_stats_period_s": 0.5,
+            "health_check_period_s": 1}, DEADLINE_S) as app:
+        yield app
 
 
 # -- helpers ------------------------------------------------------------------------------------

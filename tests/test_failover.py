@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import openai
@@ -20,8 +19,7 @@ import ray
 import requests
 from openai import AsyncOpenAI
 
-from serve_utils import (free_port, live_replicas, retries, start_ray, start_serve, stop_all, wait_for,
-                         wait_healthy, within)
+from serve_utils import live_replicas, retries, serving_replicas, wait_for, within
 
 DEADLINE_S = 180
 TOKENS = 40
@@ -76,29 +74,11 @@ def test_resumed_run_continues_the_uninterrupted_one(embedded_llm, kind, seeded)
 # -- through Ray Serve ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server():
-    tmp = start_ray("failover", num_cpus=2)
-    try:
-        from ray import serve
-
-        from cluster.app import run
-        from cluster.client import connect
-
-        port = free_port()
-        start_serve(port)
-        run({"name": "raylm", "engine": {"max_model_len": 1024, "num_threads": 1, "fault_injection": True},
-             "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "routing_stats_period_s": 0.5,
-             "health_check_period_s": 1})
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base, DEADLINE_S)
-        client = connect()
-        wait_for(lambda: len(live_replicas(client)) == 2, "two live replicas", DEADLINE_S)
-        model = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
-        yield SimpleNamespace(base=base, client=client, handle=serve.get_deployment_handle("Replica", "raylm"),
-                              model=model)
-    finally:
-        stop_all(tmp)
-
-
+    with serving_replicas("failover", {
+            "name": "raylm", "engine": {"max_model_len": 1024, "num_threads": 1, "fault_injection": True},
+            "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.5}, "routing_stats_period_s": 0.5,
+            "health_check_period_s": 1}, DEADLINE_S) as app:
+        yield app
 
 
 def busiest_replica(server) -> str:

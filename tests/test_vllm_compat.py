@@ -20,7 +20,7 @@ import torch
 from openai import OpenAI
 
 from router import errors
-from serve_utils import b64_embeds, free_port, start_ray, start_serve, stop_all, wait_healthy
+from serve_utils import b64_embeds, serving
 
 MODEL = "SmolLM2-135M-Instruct"
 PROMPTS = ["Hello, my name is", "What is an LLM?"]
@@ -28,19 +28,10 @@ PROMPTS = ["Hello, my name is", "What is an LLM?"]
 
 @pytest.fixture(scope="module")
 def server():
-    tmp = start_ray("vllmcompat", num_cpus=2, object_store_mb=150)
-    try:
-        from cluster.app import run
-
-        port = free_port()
-        start_serve(port)
-        run({"name": "raylm", "route_prefix": "/", "router_num_cpus": 0.1,
-             "ray_actor_options": {"num_cpus": 0.5}, "engine": {"max_model_len": 512}})
-        base = f"http://127.0.0.1:{port}"
-        wait_healthy(base)
+    with serving("vllmcompat", {"name": "raylm", "route_prefix": "/", "router_num_cpus": 0.1,
+                                "ray_actor_options": {"num_cpus": 0.5}, "engine": {"max_model_len": 512}},
+                 object_store_mb=150) as base:
         yield SimpleNamespace(base=base)
-    finally:
-        stop_all(tmp)
 
 
 @pytest.fixture(scope="module")
