@@ -1,8 +1,8 @@
 """The `raylm` command: serve the HTTP app on Ray, generate offline, or show Serve status.
 
-    raylm serve [--config FILE] [--model M] [--num-replicas N] [--port P] [--host H]
+    raylm serve [--config FILE] [--model M] [--num-replicas N] [--num-routers N] [--port P] [--host H]
                 [--address ADDR] [--api-key K] [--engine KEY=VALUE ...]
-                [--stream-messages-per-s N] [--stream-interval-ms MS]
+                [--stream-messages-per-s N] [--stream-interval-ms MS] [--stream-max-interval-ms MS]
     raylm generate (--prompt TEXT | --embeds FILE.pt)... [--max-tokens N] [--temperature T]
     raylm status [--address ADDR]
 
@@ -52,10 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--num-gpus", type=float, help="GPUs per replica")
     serve.add_argument("--engine", type=_engine_option, action="append", default=[],
                        metavar="KEY=VALUE", help="an engine option, e.g. max_model_len=2048")
+    serve.add_argument("--num-routers", type=int,
+                       help="Router replicas (default 1; one carries the HTTP streams of about one GPU replica, "
+                            "and each keeps its own /metrics)")
     serve.add_argument("--api-key", help="require this bearer token")
     serve.add_argument("--stream-messages-per-s", type=float,
                        help="per replica, the stream messages a second it aims at while many streams are open "
-                            "(default 2000; more streams: several steps per message)")
+                            "(default 500; more streams: several steps per message)")
+    serve.add_argument("--stream-max-interval-ms", type=float,
+                       help="most time between two messages of one stream (default 500)")
     serve.add_argument("--stream-interval-ms", type=float,
                        help="least time between two messages of one stream (default 0: every engine step)")
     serve.add_argument("--route-prefix", help="HTTP route prefix (default /)")
@@ -87,14 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
 def build_app_args(ns: argparse.Namespace) -> dict[str, Any]:
     """The `cluster.app:build_app` args the command line names (unset flags are left out)."""
     args: dict[str, Any] = {}
-    for flag, key in (("model", "model"), ("num_replicas", "num_replicas"),
+    for flag, key in (("model", "model"), ("num_replicas", "num_replicas"), ("num_routers", "num_routers"),
                       ("api_key", "api_key"), ("route_prefix", "route_prefix"), ("name", "name")):
         if getattr(ns, flag) is not None:
             args[key] = getattr(ns, flag)
     if ns.engine:
         args["engine"] = dict(ns.engine)
     batching = {k: v for k, v in (("messages_per_s", ns.stream_messages_per_s),
-                                  ("interval_ms", ns.stream_interval_ms)) if v is not None}
+                                  ("interval_ms", ns.stream_interval_ms),
+                                  ("max_interval_ms", ns.stream_max_interval_ms)) if v is not None}
     if batching:
         args["stream_batching"] = batching
     actor_options = {k: v for k, v in (("num_cpus", ns.num_cpus), ("num_gpus", ns.num_gpus))

@@ -1,9 +1,10 @@
 """AsyncEngine: an asyncio face on LLMEngine.
 
 One background thread runs `engine.step()` while there is work, so requests that arrive while
-others run are batched together by the engine's scheduler. Each request has an asyncio queue
-on the event loop that asked for it; after every step the thread hands that step's outputs to
-each waiting loop in one call (one wake-up per loop and step, however many requests it serves).
+others run are batched together by the engine's scheduler. Each request has a stream (a list
+and a waiter) on the event loop that asked for it; after every step the thread hands that step's
+outputs to each waiting loop in one call (one wake-up per loop and step, however many requests it
+serves), and only consumers not holding their stream are woken.
 `generate` yields cumulative RequestOutputs (or only the final one); `stream` yields delta
 outputs, all those that arrived since the consumer last asked, so a consumer that is slower than
 the engine gets several steps at once. A consumer that stops early (client gone, task cancelled)
@@ -21,7 +22,6 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from replicas.outputs import RequestOutput
@@ -44,10 +44,38 @@ _EARLY_ABORT_TTL_S = 60.0
 _MAX_EARLY_ABORTS = 10_000
 
 
-@dataclass
 class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    """One request's outputs waiting for its consumer, on the consumer's loop.
+
+    The engine thread hands a step's outputs to every stream at once; a consumer that is holding
+    its stream (StreamBatching's interval) is not woken for them, only for a final output, so a
+    step costs the loop one wake-up per stream that will actually send, not one per stream."""
+
+    __slots__ = ("loop", "items", "waiter", "holding")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.items: list = []
+        self.waiter: asyncio.Future | None = None
+        self.holding = False
+
+    def push(self, item) -> None:
+        """On the loop: add an output (or the exception that ends the stream)."""
+        self.items.append(item)
+        w = self.waiter
+        if w is not None and not w.done() and (not self.holding or _is_final(item)):
+            w.set_result(None)
+
+    async def wait(self, timeout: float | None = None) -> None:
+        """Until push wakes this consumer (or `timeout` seconds pass)."""
+        fut = self.waiter = self.loop.create_future()
+        timer = self.loop.call_later(timeout, _resolve, fut) if timeout is not None else None
+        try:
+            await fut
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
 
 
 class AsyncEngine:
@@ -98,7 +126,7 @@ class AsyncEngine:
             for out in outs:
                 stream = self._streams.get(out.request_id)
                 if stream is not None:
-                    by_loop[stream.loop].append((stream.queue, out))
+                    by_loop[stream.loop].append((stream, out))
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -109,7 +137,7 @@ class AsyncEngine:
 
     def _put(self, stream: _Stream, item) -> None:
         try:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+            stream.loop.call_soon_threadsafe(stream.push, item)
         except RuntimeError:  # the consumer's loop is closed: nobody will read this request
             if isinstance(item, RequestOutput) and not item.finished:
                 self.engine.abort_request(item.request_id)
@@ -191,7 +219,7 @@ class AsyncEngine:
 
     async def _outputs(self, request_id: str, prompt, params: SamplingParams,
                        interval_s: Callable[[], float] | None = None, **add) -> AsyncIterator[list]:
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop())
         aborted_early = self._register(request_id, stream)
         finished = False
         try:
@@ -208,17 +236,16 @@ class AsyncEngine:
         loop, hold_until = stream.loop, 0.0
         try:
             while not finished:
-                items = [await stream.queue.get()]
-                while True:
-                    while not stream.queue.empty():
-                        items.append(stream.queue.get_nowait())
-                    wait = hold_until - loop.time()
-                    if wait <= 0 or any(_is_final(x) for x in items):
-                        break
-                    try:  # fold the steps made meanwhile into this yield; a final output ends the wait
-                        items.append(await asyncio.wait_for(stream.queue.get(), wait))
-                    except asyncio.TimeoutError:
-                        pass
+                if not stream.items:
+                    await stream.wait()
+                wait = hold_until - loop.time()
+                if wait > 0 and not any(_is_final(x) for x in stream.items):
+                    stream.holding = True  # fold the steps made meanwhile; a final output ends the wait
+                    try:
+                        await stream.wait(wait)
+                    finally:
+                        stream.holding = False
+                items, stream.items = stream.items, []
                 error = next((x for x in items if isinstance(x, BaseException)), None)
                 outs = [x for x in items if not isinstance(x, BaseException)]
                 finished = any(o.finished for o in outs)
@@ -247,6 +274,11 @@ def _is_final(item) -> bool:
 
 
 def _put_all(items: list) -> None:
-    for queue, out in items:
-        queue.put_nowait(out)
+    for stream, out in items:
+        stream.push(out)
+
+
+def _resolve(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)
 

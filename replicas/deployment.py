@@ -39,8 +39,8 @@ class StreamBatching:
     """
 
     interval_ms: float = 0.0
-    messages_per_s: float = 2000.0
-    max_interval_ms: float = 100.0
+    messages_per_s: float = 500.0
+    max_interval_ms: float = 500.0
 
     def interval_s(self, num_streams: int) -> float:
         adaptive = num_streams / self.messages_per_s if self.messages_per_s > 0 else 0.0

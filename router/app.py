@@ -30,7 +30,7 @@ from router.chat_schemas import ChatCompletionRequest
 from router.embeds import EmbedsError, decode_embeds_entry
 from router.errors import APIError, bad_request, quote, unavailable
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from router.metrics import Metrics
+from router.metrics import Metrics, observe_many
 from router.msgpack_codec import (MSGPACK_CONTENT_TYPE, MsgpackBodyError, container_budget, decode_msgpack_body,
                                   encode_msgpack_response)
 from router.responses import Choice, CompletionHeader, prompt_logprobs_json, usage
@@ -279,9 +279,7 @@ class Router:
                     self.metrics.ttft.observe(now - t0)
                     job.first_token_at = now
                 else:
-                    per_token = (now - job.last_token_at) / ntok
-                    for _ in range(ntok):
-                        self.metrics.itl.observe(per_token)
+                    observe_many(self.metrics.itl, (now - job.last_token_at) / ntok, ntok)
                 job.last_token_at = now
             yield chunk
 
