@@ -24,6 +24,7 @@ import threading
 import time
 from typing import AsyncIterator, Callable
 
+from replicas.detokenizer import StreamText
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
 
@@ -212,9 +213,19 @@ class AsyncEngine:
         last (one per engine step that changed it), oldest first, until the finished one.
         interval_s: after the first output, wait this long after each yield before the next one
         (a finished output is yielded at once). Raises and aborts as `generate`; output_offset:
-        see LLMEngine.add_request."""
+        see LLMEngine.add_request. Without stop strings the text is decoded here, once per yield
+        (StreamText), not token by token on the engine's thread."""
+        from replicas.engine import PreparedPrompt
+
+        text = None
+        if not params.stop_list:
+            if not (isinstance(prompt, PreparedPrompt) and prompt.params is params):
+                prompt = self.engine.prepare(prompt, params)
+            text = StreamText(self.engine.tokenizer, prompt.prompt.context_token_ids, params.skip_special_tokens)
         async for outs in self._outputs(request_id, prompt, params, interval_s, delta=True,
-                                        output_offset=output_offset):
+                                        output_offset=output_offset, detokenize=text is None):
+            if text is not None:
+                text.fill(outs)
             yield outs
 
     async def _outputs(self, request_id: str, prompt, params: SamplingParams,

@@ -2,7 +2,8 @@
 
 Each emitted token costs one decode: the text of the window up to the last emitted token is kept
 from the previous decode instead of being decoded again. Tokens may also be pushed without
-decoding and flushed later in one decode (offline requests decode once, at the end).
+decoding and flushed later in one decode (offline requests decode once, at the end; a stream's
+consumer once per message it sends: StreamText).
 """
 from __future__ import annotations
 
@@ -75,3 +76,32 @@ class IncrementalDetokenizer:
         self.prefix_offset = 0
         self.read_offset -= cut
         self._read_text = None
+
+
+class StreamText:
+    """The text of a stream's delta outputs, decoded by its consumer when it takes them.
+
+    The engine then only collects token ids for the stream (LLMEngine.add_request with
+    detokenize=False), and a message that folds k engine steps costs one decode instead of k
+    decodes on the engine's thread. Streams with stop strings cannot use it: the engine needs
+    their text every step."""
+
+    def __init__(self, tokenizer, context_ids: list[int], skip_special_tokens: bool = True):
+        self._new = lambda: IncrementalDetokenizer(tokenizer, context_ids, skip_special_tokens)  # noqa: E731
+        self._by_index: dict[int, IncrementalDetokenizer] = {}
+
+    def fill(self, outputs: list) -> None:
+        """Set the text of a batch of delta RequestOutputs (oldest first): each completion's new text
+        goes on its last output in the batch, the earlier ones carry ''."""
+        last = {}
+        for out in outputs:
+            for c in out.outputs:
+                decoder = self._by_index.get(c.index)
+                if decoder is None:
+                    decoder = self._by_index[c.index] = self._new()
+                for token in c.token_ids:
+                    decoder.push(token)
+                c.text = ""
+                last[c.index] = c
+        for index, c in last.items():
+            c.text = self._by_index[index].flush()

@@ -114,18 +114,23 @@ class LLMEngine:
         self.prepare(prompt, params)
 
     def add_request(self, request_id: str, prompt, params: SamplingParams, *, final_only: bool = False,
-                    delta: bool = False, output_offset: int = 0) -> None:
+                    delta: bool = False, output_offset: int = 0, detokenize: bool = True) -> None:
         """Queue a request; `prompt` may be what prepare() returned for these params.
         final_only: step() reports the request once, when it finishes (offline generate), and its
         text is decoded then unless stop strings need it every step.
         delta: each output carries only what is new since the previous one (streams).
         output_offset: output tokens generated before this request (a failover continuation whose
-        prompt ends with them): seeded sampling goes on from that output position."""
+        prompt ends with them): seeded sampling goes on from that output position.
+        detokenize=False (delta streams without stop strings): outputs carry token ids and no text;
+        the consumer decodes them (replicas.detokenizer.StreamText)."""
         prepared = prompt if isinstance(prompt, PreparedPrompt) and prompt.params is params \
             else self.prepare(prompt, params)
         request = self._make_request(request_id, prepared.prompt, params, prepared.max_tokens, final_only,
                                      output_offset)
         request.delta = delta and not final_only
+        if not detokenize and request.delta and not params.stop_list:
+            for seq in request.seqs:
+                seq.eager_text = seq.emit_text = False
         with self._ids_lock:  # taken only once the request is built, so a failure leaks no id
             if request_id in self._pending_ids:
                 raise ValueError(f"request id {request_id!r} is already running")
@@ -240,7 +245,8 @@ class LLMEngine:
                     if not seq.finished:
                         seq.finish_reason = "abort"
                         seq.drop_pending()
-                        seq.detokenizer.flush()
+                        if seq.emit_text:
+                            seq.detokenizer.flush()
                         self.scheduler.finish(seq)
                         self.runner.release(seq)
                 changed[request.request_id] = request
@@ -269,7 +275,7 @@ class LLMEngine:
             delta = seq.detokenizer.add(token)
             if delta and p.stop_list and can_stop:
                 self._check_stop_strings(seq, len(delta))
-        else:
+        elif seq.emit_text:
             seq.detokenizer.push(token)
         if not seq.finished and (num_output >= seq.max_tokens or length >= self.model_config.max_model_len):
             self._finish(seq, "length", None)
@@ -295,7 +301,8 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
         seq.drop_pending()  # a step launched before this one was read back computed one token too many
-        seq.detokenizer.flush()
+        if seq.emit_text:
+            seq.detokenizer.flush()
         seq.visible_text_len = len(seq.detokenizer.text)
         self.scheduler.finish(seq)
         self.runner.release(seq)

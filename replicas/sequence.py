@@ -53,6 +53,7 @@ class Sequence:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # filled as prefill chunks run
     visible_text_len: int = 0  # text shown to callers; the tail that may begin a stop string waits
     eager_text: bool = True  # detokenize every step (streams, stop strings); else once at the end
+    emit_text: bool = True  # False: never decoded here, the stream's consumer decodes (StreamText)
     table_row: int = -1  # the runner's device block-table row while the sequence holds blocks
     num_synced_blocks: int = 0  # leading block_table entries already written to that row
     # Per block, the rows_digest of each embeds run, computed on a digest thread (KVCacheManager).

@@ -275,5 +275,6 @@ def test_stream_folds_the_steps_made_during_its_interval(aengine):
 
     every_step, folded = run(batches(0.0)), run(batches(0.5))
     assert _joined(every_step)[0]["ids"] == _joined(folded)[0]["ids"]
+    assert _joined(every_step)[0]["text"] == _joined(folded)[0]["text"] != ""  # decoded once per yield
     assert len(folded) < len(every_step) and any(len(b) > 1 for b in folded)
     assert folded[-1][-1].finished
