@@ -45,6 +45,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from bench.machine import device_name, machine, slug, versions  # noqa: E402
+from bench.process_cpu import ProcessCPU  # noqa: E402
 
 RESULTS = REPO / "bench" / "results"
 PROMPTS = [
@@ -392,6 +393,11 @@ def print_table(title: str, levels: list[dict]) -> None:
               f"{fmt_ms(t['p50']):>9} {fmt_ms(t['p99']):>7} {fmt_ms(i['p50']):>8} {fmt_ms(i['p99']):>7}")
         for err in lv["errors"]:
             print(f"     error: {err}")
+        cpu = lv.get("process_cpu")
+        if cpu:
+            print("     CPU: " + ", ".join(f"{role} x{r['processes']} {r['us_per_output_token']:.0f} us/token "
+                                         f"(busiest {r['max_util']:.2f} cores)"
+                                         for role, r in sorted(cpu.items()) if r["cpu_s"] > 0.05))
 
 
 async def server_model(url: str, headers: dict) -> str:
@@ -444,7 +450,9 @@ def main(argv: list[str] | None = None) -> int:
         if warm["ok"] < 3:
             raise RuntimeError(f"warm-up requests failed: {warm['errors']}")
         for c in args.concurrency:
-            levels.append(asyncio.run(http_level(url, bodies, c, count(args, c), headers)))
+            with ProcessCPU(server.proc.pid if server else None) as cpu:
+                levels.append(asyncio.run(http_level(url, bodies, c, count(args, c), headers)))
+            levels[-1]["process_cpu"] = cpu.report(levels[-1]["output_tokens"])
             print(f"HTTP concurrency {c}: {levels[-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
         if not args.no_handles:
             from cluster.cli import connect_ray

@@ -2,6 +2,10 @@
 (the rest is launch overhead and the engine's Python), at a full decode batch.
 
     python bench/step_profile.py --model llama-3.2-1b --tokenizer .devtok --batch 256 --context 512
+    python bench/step_profile.py --model llama-3.1-8b --tokenizer .devtok --batch 1 --tensor-parallel-size 2
+
+With --tensor-parallel-size k the kernels are rank 0's (its NCCL all-reduces included), and the wall
+time is the group's: where TP's single-stream decode goes (kernels, collectives, host gap).
 """
 from __future__ import annotations
 
@@ -32,11 +36,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--temperature", type=float, default=0.6)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--cprofile", action="store_true", help="also print the host functions that cost most")
     args = ap.parse_args()
 
     llm = LLM(model=args.model, load_format="dummy", tokenizer=args.tokenizer, max_model_len=4096,
-              max_num_batched_tokens=8192, enforce_eager=args.enforce_eager)
+              max_num_batched_tokens=8192, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     params = SamplingParams(max_tokens=4 * args.steps + 64, temperature=args.temperature, ignore_eos=True)
     for i in range(args.batch):
@@ -76,13 +82,18 @@ def main() -> None:
     while engine.has_unfinished_requests():
         engine.step()
 
+    tp = args.tensor_parallel_size
+    if tp > 1:
+        engine.runner.shutdown()
     result = {"bench": "step_profile", "device": device_name(), "model": args.model, "batch": args.batch,
+              "tensor_parallel_size": tp,
               "context": args.context, "cuda_graphs": engine.runner.graphs is not None,
               "wall_ms_per_step": wall * 1e3, "gpu_kernel_ms_per_step": gpu_total * 1e3,
               "host_gap_ms_per_step": (wall - gpu_total) * 1e3, "decode_tok_s": args.batch / wall,
               "top_kernels_ms_per_step": {e.key[:80]: e.self_device_time_total / 1e3 / args.steps for e in top}}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"step-profile-{slug(args.model)}-b{args.batch}-{slug(result['device'])}.json"
+    suffix = f"-tp{tp}" if tp > 1 else ""
+    path = RESULTS / f"step-profile-{slug(args.model)}-b{args.batch}{suffix}-{slug(result['device'])}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"{args.model} batch {args.batch} context {args.context} graphs={result['cuda_graphs']}: "
           f"wall {wall * 1e3:.2f} ms/step, GPU kernels {gpu_total * 1e3:.2f} ms/step, "
