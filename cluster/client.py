@@ -11,9 +11,12 @@ Prompts take the offline LLM's forms, plus `{"prompt_segments": [ids, embeds, id
 `{"messages": [...]}` (a chat: rendered here with the model's chat template, fetched once from a
 replica; tensor parts' rows are spliced in and travel stacked as one top-level array).
 
-Requests go straight to the `Replica` deployment through a Serve handle, so they are routed by
-the same PrefixAffinityRouter as HTTP requests. Prompt embeds travel as a top-level argument:
-an ObjectRef you `ray.put` once is resolved by Ray on the replica's node (zero-copy for numpy).
+Requests go to the `Replica` deployment through a Serve handle, so they are routed by the same
+PrefixAffinityRouter as HTTP requests: `stream` from this process, `submit` from this process's
+Completer actor (cluster.completer), which sends a request again when its replica is lost, so the
+returned ref does not die with the replica. Prompt embeds travel as a top-level argument of the
+replica call: an ObjectRef you `ray.put` once is resolved by Ray on the replica's node (zero-copy
+for numpy); an array passed directly is put in the object store once.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import numpy as np
 import ray
 from ray import serve
 
+from cluster.completer import start_completer
 from replicas.chat_template import chat_prompt
 from replicas.protocol import CompletionDelta, GenerateRequest, ReplicaTarget
 from replicas.outputs import RequestOutput
@@ -77,6 +81,7 @@ class Client:
     handle: Any  # DeploymentHandle of the Replica deployment
     _tokenizer: Any = field(default=None, repr=False)  # for chat templates, fetched once
     _info: Any = field(default=None, repr=False)
+    _completer: Any = field(default=None, repr=False)  # cluster.completer.Completer, started at the first submit
 
     def _chat_prompt(self, chat: dict) -> dict:
         if self._tokenizer is None:
@@ -104,9 +109,14 @@ class Client:
 
     def submit(self, prompt: Any, params: SamplingParams | None = None, *,
                request_id: str | None = None) -> ray.ObjectRef:
-        """Send one prompt; `ray.get` of the returned ref is its finished RequestOutput."""
+        """Send one prompt; `ray.get` of the returned ref is its finished RequestOutput (sent again to
+        another replica if its replica is lost meanwhile: cluster.completer)."""
         req, embeds = self._request(prompt, params, request_id)
-        return self.handle.complete.remote(req, embeds)._to_object_ref_sync()
+        if embeds is not None and not isinstance(embeds, ray.ObjectRef):
+            embeds = ray.put(embeds)
+        if self._completer is None:
+            self._completer = start_completer(self.app_name, REPLICA_DEPLOYMENT)
+        return self._completer.complete.remote(req, [] if embeds is None else [embeds])
 
     def submit_chat(self, messages: list[dict], params: SamplingParams | None = None, *,
                     request_id: str | None = None, add_generation_prompt: bool = True,

@@ -256,8 +256,14 @@ def _is(e: BaseException, kinds) -> bool:
     return isinstance(e, kinds) or isinstance(getattr(e, "cause", None), kinds)
 
 
-def _replica_lost(e: BaseException) -> bool:
-    return _is(e, _REPLICA_LOST) or _is(e, EngineDeadError) or isinstance(e, DeploymentUnavailableError)
+def replica_lost(e: BaseException) -> bool:
+    """Whether a call's error means its replica is gone (the call may go to another one)."""
+    return _is(e, _REPLICA_LOST) or engine_failed(e) or isinstance(e, DeploymentUnavailableError)
+
+
+def engine_failed(e: BaseException) -> bool:
+    """Whether a call's error is its replica's engine reporting itself dead."""
+    return _is(e, EngineDeadError)
 
 
 def replica_failed(handle, request_id: str) -> None:
@@ -371,7 +377,7 @@ async def stream_prompt(handle, request: GenerateRequest, embeds_ref=None, *, ma
             raise overloaded() from None
         except (RayServeException, RayError, EngineDeadError) as e:
             done = True
-            if not _replica_lost(e):
+            if not replica_lost(e):
                 raise
             if _is(e, EngineDeadError):
                 replica_failed(handle, request.request_id)

@@ -137,6 +137,30 @@ def test_handle_stream_resumes_on_the_other_replica(server, how):
     wait_two_live(server, lost)
 
 
+def test_submitted_requests_finish_on_the_other_replica_when_theirs_is_killed(server):
+    """ray.get(client.submit(...)): a request whose replica dies is sent again (cluster.completer)."""
+    from replicas.protocol import ReplicaTarget
+
+    prompts = ["Tell me about mountains.", "What is a glacier?", "Describe the desert at night.",
+               "How do tides work?"]
+    reference = [o.outputs[0] for o in ray.get([server.client.submit(p, sp()) for p in prompts], timeout=DEADLINE_S)]
+    refs = [server.client.submit(p, sp()) for p in prompts]
+
+    def running_replica():
+        loads = [server.handle.get_load.remote(ReplicaTarget(r)).result(timeout_s=DEADLINE_S)
+                 for r in live_replicas(server.client)]
+        busy = [load for load in loads if load.num_streams > 0]
+        return max(busy, key=lambda load: load.num_streams).replica_id if busy else None
+
+    victim = wait_for(running_replica, "a replica running a submitted request", DEADLINE_S)
+    kill_replica(victim)
+    outs = [o.outputs[0] for o in ray.get(refs, timeout=DEADLINE_S)]
+    assert [o.token_ids for o in outs] == [o.token_ids for o in reference]
+    assert [o.text for o in outs] == [o.text for o in reference]
+    assert all(o.finish_reason == "length" for o in outs)
+    wait_two_live(server, victim)
+
+
 def test_embeds_stream_resumes_with_seeded_sampling(server):
     from transformers import AutoTokenizer
 
