@@ -100,7 +100,7 @@ class Router:
         self.max_body_bytes = max_body_bytes
         self.max_embeds_bytes = max_embeds_bytes
         self.max_prompts = max_prompts
-        self.metrics = Metrics(self._replica_stats)
+        self.metrics = Metrics(self._replica_stats, self._num_live_replicas)
         self._info: ModelInfo | None = None
         self._tokenizer = None
         self._info_lock: asyncio.Lock | None = None
@@ -109,6 +109,10 @@ class Router:
     def _replica_stats(self) -> dict[str, LoadReport]:
         r = request_router_of(self.replicas)
         return r.replica_stats() if r is not None else {}
+
+    def _num_live_replicas(self) -> int:
+        r = request_router_of(self.replicas)
+        return r.num_live_replicas if r is not None else 0
 
     async def _from_replica(self, attr: str, method: str):
         """A model fact every replica shares (its info, its tokenizer): asked once, then kept."""
@@ -447,13 +451,17 @@ class Router:
     @app.get("/health")
     async def health(self):
         await self._model_info()
-        r = request_router_of(self.replicas)
-        live = r.num_live_replicas if r is not None else 0
+        live = self._num_live_replicas()
         if live == 0:
             raise unavailable()
         return {"status": "ok", "live_replicas": live}
 
     @app.get("/metrics")
     async def metrics_endpoint(self):
+        if request_router_of(self.replicas) is None:
+            try:  # Serve starts the request router (whose replica reports these gauges read) at a first call
+                await self._model_info()
+            except APIError:
+                pass  # no replica answers yet: the router's own metrics still render
         return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 

@@ -19,8 +19,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class _ReplicaCollector:
-    def __init__(self, stats: Callable[[], dict[str, LoadReport]]):
+    def __init__(self, stats: Callable[[], dict[str, LoadReport]], num_live: Callable[[], int]):
         self._stats = stats
+        self._num_live = num_live
 
     def collect(self):
         running = GaugeMetricFamily("raylm_replica_running_requests", "Requests running on a replica", labels=["replica"])
@@ -39,7 +40,7 @@ class _ReplicaCollector:
             kv.add_metric([rid], s.kv_cache_usage)
             blocks.add_metric([rid, "total"], float(s.num_total_blocks))
             blocks.add_metric([rid, "free"], float(s.num_free_blocks))
-        live.add_metric([], float(sum(s.alive for s in stats.values())))
+        live.add_metric([], float(self._num_live()))  # what /health reports
         yield from (running, waiting, kv, blocks, started, live)
 
 
@@ -59,7 +60,7 @@ def observe_many(hist: Histogram, value: float, count: int) -> None:
 
 
 class Metrics:
-    def __init__(self, replica_stats: Callable[[], dict[str, LoadReport]]):
+    def __init__(self, replica_stats: Callable[[], dict[str, LoadReport]], num_live_replicas: Callable[[], int]):
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("raylm_requests", "Completion requests by HTTP status", ["status"], registry=r)
@@ -73,7 +74,7 @@ class Metrics:
                                registry=r)
         self.e2e = Histogram("raylm_request_latency_seconds", "Request latency, arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
-        r.register(_ReplicaCollector(replica_stats))
+        r.register(_ReplicaCollector(replica_stats, num_live_replicas))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -529,6 +529,8 @@ def test_metrics_endpoint(server, oa):
     assert re.search(r'^raylm_replica_running_requests\{replica="[^"]+"\} ', text, re.M)
     assert re.search(r'^raylm_replica_waiting_requests\{replica="[^"]+"\} ', text, re.M)
     assert re.search(r'^raylm_replica_kv_cache_usage\{replica="[^"]+"\} ', text, re.M)
+    live = requests.get(f"{server.base}/health", timeout=30).json()["live_replicas"]
+    assert value(text, r"raylm_live_replicas") == live >= 1  # the gauge counts what /health counts
 
 
 def test_echo_stop_and_seed(oa):
