@@ -345,8 +345,9 @@ class Router:
                     choice = job.choices[d.index]
                     if choice.finish_reason is not None:
                         continue
-                    u = self._partial_usage(jobs) if continuous else None
-                    yield _sse_event(header.chunk([choice.apply(d)], u))
+                    piece = choice.apply(d)
+                    u = self._partial_usage(jobs) if continuous else None  # this chunk's tokens included
+                    yield _sse_event(header.chunk([piece], u))
             else:
                 u = self._account(jobs, t0)
                 if opts and opts.include_usage:

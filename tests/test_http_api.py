@@ -246,6 +246,20 @@ def test_raw_sse_ends_with_done(server):
     assert sum(1 for c in chunks for ch in c["choices"] if ch["finish_reason"]) == 1
 
 
+def test_continuous_usage_counts_each_chunks_tokens(server):
+    """stream_options.continuous_usage_stats: every chunk's usage includes the tokens it carries (as
+    vLLM's), so the chunk with the finish reports them all, however the steps were folded."""
+    r = requests.post(f"{server.base}/v1/completions", stream=True, timeout=120, json={
+        "model": MODEL, "prompt": "Hello", "max_tokens": 6, "stream": True, "ignore_eos": True,
+        "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    chunks = [json.loads(e) for e in sse_events(r)[:-1]]
+    with_choices = [c for c in chunks if c["choices"]]
+    counts = [c["usage"]["completion_tokens"] for c in with_choices]
+    assert counts[0] >= 1 and counts == sorted(counts)
+    assert with_choices[-1]["choices"][0]["finish_reason"] == "length" and counts[-1] == 6
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
 def test_64_concurrent_streams_all_complete(server):
     async def main():
         client = AsyncOpenAI(api_key="EMPTY", base_url=f"{server.base}/v1", max_retries=0, timeout=600)
