@@ -19,7 +19,7 @@ from ray.serve.exceptions import RayServeException
 
 from replicas.async_engine import EngineDeadError
 from replicas.protocol import GenerateRequest
-from router.routing import engine_failed, forget_request, live_replicas, replica_failed, replica_lost
+from router.routing import forget_request, live_replicas, note_replica_loss, replica_lost, retry_delay_s
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +43,9 @@ class Completer:
             except (RayServeException, RayError, EngineDeadError) as e:
                 if not replica_lost(e) or attempt == max_attempts:
                     raise
-                if engine_failed(e):
-                    replica_failed(self.handle, request.request_id)
+                note_replica_loss(self.handle, request.request_id, e)
                 logger.warning("replica lost (%s); request %s sent again", type(e).__name__, request.request_id)
-                await asyncio.sleep(0.05 * 2 ** (attempt - 1))
+                await asyncio.sleep(retry_delay_s(attempt))
             finally:
                 forget_request(self.handle, request.request_id)
         raise AssertionError("unreachable")

@@ -266,6 +266,18 @@ def engine_failed(e: BaseException) -> bool:
     return _is(e, EngineDeadError)
 
 
+def note_replica_loss(handle, request_id: str, e: BaseException) -> None:
+    """After a replica-lost error: a replica whose engine reported itself dead gets no more work here."""
+    if engine_failed(e):
+        replica_failed(handle, request_id)
+
+
+def retry_delay_s(attempt: int) -> float:
+    """The pause before attempt + 1: an unreachable (not yet declared dead) replica may be chosen
+    again, so Serve gets time to notice."""
+    return 0.05 * 2 ** (attempt - 1)
+
+
 def replica_failed(handle, request_id: str) -> None:
     """The replica that ran `request_id` reported its engine dead: route nothing more to it."""
     r = request_router_of(handle)
@@ -379,16 +391,14 @@ async def stream_prompt(handle, request: GenerateRequest, embeds_ref=None, *, ma
             done = True
             if not replica_lost(e):
                 raise
-            if _is(e, EngineDeadError):
-                replica_failed(handle, request.request_id)
+            note_replica_loss(handle, request.request_id, e)
             if attempt == max_attempts:
                 raise unavailable(f"the replica serving this request was lost: {_kind(e)}") from None
             logger.warning("replica lost (%s); %s request %s on another", _kind(e),
                            "resuming" if sent.any else "retrying", request.request_id)
             if on_retry is not None:
                 on_retry()
-            # An unreachable (not yet declared dead) replica may be chosen again: give Serve time.
-            await asyncio.sleep(0.05 * 2 ** (attempt - 1))
+            await asyncio.sleep(retry_delay_s(attempt))
         finally:
             if not done:  # the consumer stopped early (client gone): stop the replica's work too
                 gen.cancel()
