@@ -38,9 +38,12 @@ def tokens(llm, batch, max_tokens=24) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "embedded"])
-def test_float32_tp2_equals_tp1_with_and_without_graphs(tmp_path, tok, kind):
+@pytest.mark.parametrize("kind,peer", [("llama", True), ("llama", False), ("qwen2", True), ("embedded", True)])
+def test_float32_tp2_equals_tp1_with_and_without_graphs(tmp_path, tok, kind, peer, monkeypatch):
+    """peer: the small all-reduces over peer memory (replicas.parallel.p2p_allreduce), or NCCL's."""
     from cluster import LLM
+
+    monkeypatch.setenv("RAYLM_PEER_ALLREDUCE", "1" if peer else "0")
 
     if kind == "embedded":
         from replicas.loader import embedded_model_dir
@@ -61,6 +64,7 @@ def test_float32_tp2_equals_tp1_with_and_without_graphs(tmp_path, tok, kind):
         two = LLM(model=model, tensor_parallel_size=2, enforce_eager=eager, **F32)
         assert (two.engine.runner.graphs is None) == eager
         assert two.engine.runner.backend.name == "triton"
+        assert (two.engine.runner.group.peer is not None) == peer
         assert tokens(two, batch) == expected
         assert tokens(two, batch[1:2] * 9) == [expected[1]] * 9  # a batch of 9: a padded decode graph
         two.engine.runner.shutdown()
@@ -92,6 +96,7 @@ def test_killed_worker_fails_the_engine_without_hanging(tmp_path, tok):
     while not llm.engine.scheduler.running:
         assert not running.done(), running.result()
         time.sleep(0.01)
+    assert llm.engine.runner.group.peer is not None  # its waits must end too (abort's stop flag)
     ray.kill(llm.engine.runner.workers[0])  # at once: at GPU speed the 480 tokens take well under a second
     with pytest.raises(TensorParallelError, match="rank 1"):
         running.result(timeout=120)
@@ -124,3 +129,21 @@ def test_serve_replica_with_ranks_on_two_gpus(tmp_path, tok):
         assert ray.available_resources().get("GPU", 0) == torch.cuda.device_count() - 2
     finally:
         serve.shutdown()
+
+
+def test_peer_all_reduce_sums_like_nccl(tmp_path):
+    """bf16 sums of 1 to 256 rows of 3000 (a partial block to many), in and out of CUDA graphs, bitwise
+    equal to NCCL's (bench/allreduce_latency.py checks them before it times them)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "bench/allreduce_latency.py"), "--rows", "1", "3", "256", "--hidden", "3000",
+                          "--replays", "5", "--out", str(tmp_path / "r.json")], capture_output=True, text=True,
+                         timeout=300, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    levels = json.loads((tmp_path / "r.json").read_text())["levels"]
+    assert [lv["rows"] for lv in levels] == [1, 3, 256]
+    assert all(lv["equal_to_nccl"] and lv["graph_equal_to_nccl"] for lv in levels), levels

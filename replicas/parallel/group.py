@@ -25,13 +25,15 @@ class Rendezvous:
     backend: str  # "nccl" | "gloo"
     world_size: int
     timeout_s: float
+    peer_all_reduce: bool = True  # NCCL groups: small all-reduces over peer memory (rank 0 decides for all)
 
 
 def host_store(host: str, backend: str, world_size: int, timeout_s: float) -> tuple[TCPStore, Rendezvous]:
     """Rank 0's store, listening on a free port of `host`."""
     timeout = datetime.timedelta(seconds=timeout_s)
     store = TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
-    return store, Rendezvous(host, store.port, f"raylm-tp-{uuid.uuid4().hex[:12]}", backend, world_size, timeout_s)
+    return store, Rendezvous(host, store.port, f"raylm-tp-{uuid.uuid4().hex[:12]}", backend, world_size, timeout_s,
+                             peer_all_reduce=os.environ.get("RAYLM_PEER_ALLREDUCE", "1") != "0")
 
 
 class CommGroup:
@@ -46,6 +48,8 @@ class CommGroup:
         self.store = store  # rank 0's keeps the rendezvous server alive
         prefixed = PrefixStore(rdv.prefix, store)
         self.rank, self.size, self.device = rank, rdv.world_size, device
+        self.keys = prefixed  # this group's keys in the store
+        self.peer = None  # the one-shot all-reduce over peer memory, for small tensors (NCCL groups)
         if rdv.backend == "nccl":
             from torch.distributed import ProcessGroupNCCL
 
@@ -56,6 +60,8 @@ class CommGroup:
             options = ProcessGroupNCCL.Options()
             options._timeout = timeout
             self.pg = ProcessGroupNCCL(prefixed, rank, rdv.world_size, options)
+            if rdv.peer_all_reduce:
+                self.peer = peer_all_reduce(self)
         elif rdv.backend == "gloo":
             from torch.distributed import ProcessGroupGloo
 
@@ -68,7 +74,10 @@ class CommGroup:
 
     def all_reduce(self, t: torch.Tensor) -> None:
         """Sum in place over the ranks."""
-        self.pg.allreduce(t).wait()
+        if self.peer is not None and self.peer.fits(t):
+            self.peer.all_reduce(t)
+        else:
+            self.pg.allreduce(t).wait()
 
     def broadcast(self, t: torch.Tensor) -> None:
         """Rank 0's values, in place on every rank."""
@@ -85,10 +94,28 @@ class CommGroup:
 
     def abort(self) -> None:
         """End the group: collectives pending on any rank fail instead of waiting for this one."""
+        if self.peer is not None:
+            self.peer.abort()
         try:
             self.pg.abort()
         except Exception:  # noqa: BLE001 - best effort while failing or shutting down
             pass
+
+
+def peer_all_reduce(group: CommGroup):
+    """The group's P2PAllReduce when every rank can map every other's memory (decided together:
+    all ranks must take the same path), else None."""
+    try:
+        from replicas.parallel.p2p_allreduce import P2PAllReduce
+    except ImportError:  # no triton
+        P2PAllReduce = None
+    index = group.device.index if group.device.index is not None else torch.cuda.current_device()
+    group.keys.set(f"device/{group.rank}", str(index))
+    peers = [int(group.keys.get(f"device/{r}")) for r in range(group.size) if r != group.rank]
+    reachable = P2PAllReduce is not None and all(p != index and torch.cuda.can_device_access_peer(index, p) for p in peers)
+    if not group.min_int(int(reachable)):
+        return None
+    return P2PAllReduce(group)
 
 
 def backend_for(device: torch.device) -> str:

@@ -141,6 +141,8 @@ class TensorParallelRunner(ModelRunner):
                 raise self._failed(e) from e
 
     def check_health(self) -> None:
+        if self.group.peer is not None and self.group.peer.gave_up:
+            self.health.fail("tensor-parallel all-reduce: a rank stopped answering (its results are invalid)")
         if self.health.failure is not None:
             raise TensorParallelError(self.health.failure)
 

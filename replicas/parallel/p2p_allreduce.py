@@ -1,0 +1,151 @@
+"""A one-shot all-reduce over peer GPU memory (NVLink) for the small tensors of decode steps.
+
+NCCL's all-reduce of a decode step's few rows costs ~10-20 us of latency, paid twice per layer:
+for an 8B model at TP=2 that is as long as reading the weights. Here each rank maps every peer's
+buffer (CUDA IPC, once at start-up) and one Triton kernel per call
+  1. stores the rank's input into its slot of every rank's buffer (posted NVLink writes),
+  2. raises its flag on every rank (a release store, system scope) and waits for every rank's flag
+     on its own GPU (acquire loads),
+  3. sums the slots in rank order, so every rank computes bitwise the same result.
+The flags count calls (a per-block counter kept on the device, so a captured CUDA graph replays
+correctly) and the buffer alternates between two halves by the count's parity: a rank can run at
+most one call ahead of another (it needs the other's flag to finish a call), so the half it writes
+is never one a peer is still reading.
+
+Inputs larger than the buffer take NCCL (prefill chunks); the choice depends on the size alone, so
+all ranks choose alike. A wait for a rank that died must not hang the GPU (no NCCL abort reaches
+this kernel): the waits read a stop flag in pinned host memory, which abort() sets, and give up on
+their own after a bound, leaving a flag the host reads (gave_up).
+"""
+from __future__ import annotations
+
+import pickle
+
+import torch
+import triton
+import triton.language as tl
+from torch.multiprocessing.reductions import reduce_tensor
+
+MAX_BLOCKS = 1024
+BLOCK = 1024  # elements per program
+DEFAULT_MAX_BYTES = 2 * 1024**2  # a 256-row decode batch of hidden size 4096 in bf16
+POLL_HOST_AFTER_NS = 200_000  # a wait this long starts reading the host's stop flag
+WAIT_LIMIT_NS = 60 * 10**9  # longer than ranks drift apart at start-up (Triton compiles, graph captures)
+
+
+@triton.jit
+def _now_ns():
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def _one_shot_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+                     MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr,
+                     POLL_HOST_AFTER: tl.constexpr):
+    """ptrs: the addresses of every rank's data buffer, then of every rank's signals, then of this
+    rank's status in pinned host memory ([0]: the host asks to stop waiting, [1]: a wait gave up)."""
+    pid = tl.program_id(0)
+    epoch = tl.load(counters + pid) + 1
+    half = (epoch % 2).to(tl.int64)
+    offs = pid * BLOCK_ + tl.arange(0, BLOCK_)
+    mask = offs < n
+    x = tl.load(inp + offs, mask=mask)
+    for p in tl.static_range(WORLD):
+        peer = tl.load(ptrs + p).to(tl.pointer_type(inp.dtype.element_ty))
+        tl.store(peer + (half * WORLD + RANK) * slot_elems + offs, x, mask=mask)
+    tl.debug_barrier()  # every thread's stores come before the flags
+    for p in tl.static_range(WORLD):
+        peer_signal = tl.load(ptrs + WORLD + p).to(tl.pointer_type(tl.int32))
+        tl.atomic_xchg(peer_signal + RANK * MAX_BLOCKS_ + pid, epoch, sem="release", scope="sys")
+    own_data = tl.load(ptrs + RANK).to(tl.pointer_type(inp.dtype.element_ty))
+    own_signal = tl.load(ptrs + WORLD + RANK).to(tl.pointer_type(tl.int32))
+    status = tl.load(ptrs + 2 * WORLD).to(tl.pointer_type(tl.int32))
+    for p in tl.static_range(WORLD):
+        flag = own_signal + p * MAX_BLOCKS_ + pid
+        seen = tl.load(flag, volatile=True)
+        if seen < epoch:
+            start = _now_ns()
+            spins = 0
+            stop = 0
+            while (seen < epoch) & (stop == 0):
+                seen = tl.load(flag, volatile=True)
+                spins += 1
+                # A rank this late may be gone: now and then read the host's stop flag (over PCIe:
+                # never on the fast path) and the clock's bound.
+                if (spins % 256) == 0:
+                    waited = _now_ns() - start
+                    if waited > POLL_HOST_AFTER:
+                        stop = tl.load(status, volatile=True) | (waited > WAIT_LIMIT).to(tl.int32)
+            if seen < epoch:
+                tl.store(status + 1, 1)
+        tl.atomic_add(flag, 0, sem="acquire", scope="sys")  # the data reads below come after the flag
+    tl.debug_barrier()
+    acc = tl.zeros([BLOCK_], dtype=tl.float32)
+    for p in tl.static_range(WORLD):
+        acc += tl.load(own_data + (half * WORLD + p) * slot_elems + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
+    tl.store(counters + pid, epoch)
+
+
+def _open_on(device_index: int, shared) -> torch.Tensor:
+    """A peer's tensor (reduce_tensor's output), mapped into this rank's device: opened under the
+    peer's own device index (torch's default), the pointer would be valid only there, and this
+    rank's kernels would fault on it."""
+    rebuild, args = shared
+    args = list(args)
+    args[6] = device_index  # rebuild_cuda_tensor's storage_device
+    return rebuild(*args)
+
+
+class P2PAllReduce:
+    """Built collectively by every rank of `group` (a CommGroup on CUDA devices of one node that can
+    reach each other's memory); `all_reduce(t)` sums in place and must be called by all ranks alike."""
+
+    def __init__(self, group, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.rank, self.world, self.device = group.rank, group.size, group.device
+        self.max_bytes = max_bytes
+        # [2 halves][world slots][max_bytes] on this rank; peers write their slots here.
+        self.data = torch.zeros(2 * self.world * max_bytes, dtype=torch.uint8, device=self.device)
+        self.signals = torch.zeros(self.world * MAX_BLOCKS, dtype=torch.int32, device=self.device)
+        self.counters = torch.zeros(MAX_BLOCKS, dtype=torch.int32, device=self.device)
+        # [0]: set by abort() to end every wait; [1]: set by a wait that gave up. Pinned host memory,
+        # which the kernel reads and writes directly: a spinning kernel cannot be stopped otherwise.
+        self.status = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+        torch.cuda.synchronize(self.device)
+        group.keys.set(f"p2p/{group.rank}", pickle.dumps((reduce_tensor(self.data), reduce_tensor(self.signals))))
+        own = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        self._peer_buffers = []  # the mapped peer tensors, kept alive
+        data_ptrs, signal_ptrs = [], []
+        for r in range(self.world):
+            if r == self.rank:
+                data, signals = self.data, self.signals
+            else:
+                data, signals = (_open_on(own, shared) for shared in pickle.loads(group.keys.get(f"p2p/{r}")))
+                self._peer_buffers += [data, signals]
+            data_ptrs.append(data.data_ptr())
+            signal_ptrs.append(signals.data_ptr())
+        self.ptrs = torch.tensor(data_ptrs + signal_ptrs + [self.status.data_ptr()], dtype=torch.int64,
+                                 device=self.device)
+        group.all_reduce(torch.zeros(1, device=self.device))  # no rank returns before all have mapped
+
+    def fits(self, t: torch.Tensor) -> bool:
+        n = t.numel()
+        return (t.is_contiguous() and n * t.element_size() <= self.max_bytes and -(-n // BLOCK) <= MAX_BLOCKS
+                and t.dtype in (torch.bfloat16, torch.float16, torch.float32))
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        n = t.numel()
+        slot_elems = self.max_bytes // t.element_size()
+        _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
+            t, t, n, self.ptrs, self.counters, slot_elems, RANK=self.rank, WORLD=self.world,
+            MAX_BLOCKS_=MAX_BLOCKS, BLOCK_=BLOCK, WAIT_LIMIT=WAIT_LIMIT_NS, POLL_HOST_AFTER=POLL_HOST_AFTER_NS,
+            num_warps=4)
+
+    def abort(self) -> None:
+        """Every wait, running or to come, ends at once (a rank died: its flags will never come)."""
+        self.status[0] = 1
+
+    @property
+    def gave_up(self) -> bool:
+        """A wait ran out of time (a rank stopped taking part): every sum since is wrong."""
+        return bool(self.status[1])
