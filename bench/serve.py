@@ -13,6 +13,7 @@ stream's ITL. The offline runs come first, in this process; then `raylm serve` s
     python bench/serve.py --start                                        # CPU, embedded model
     python bench/serve.py --start --model llama-3.2-1b --load-format dummy --num-gpus 1 \\
         --concurrency 1,16,64,256 --max-tokens 256                       # a GPU
+    python bench/serve.py --start --direct ...    # also HTTP on the Routers' own port (no proxy)
 
 Writes bench/results/serve-<device>.json.
 """
@@ -331,13 +332,16 @@ def free_port() -> int:
 class LocalServer:
     """`raylm serve` in a subprocess on a free port, logs in a temp file; stopped with SIGTERM."""
 
-    def __init__(self, serve_args: list[str]):
+    def __init__(self, serve_args: list[str], direct: bool = False):
         self.port = free_port()
+        direct_port = free_port() if direct else None
         self.log = tempfile.NamedTemporaryFile("w+", prefix="raylm-bench-serve-", suffix=".log", delete=False)
+        extra = ["--direct-port", str(direct_port)] if direct_port else []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cluster.cli", "serve", "--port", str(self.port), *serve_args],
+            [sys.executable, "-m", "cluster.cli", "serve", "--port", str(self.port), *extra, *serve_args],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
         self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.direct_url = f"http://127.0.0.1:{direct_port}/v1" if direct_port else None  # the Routers' own port
         self.ray_address: str | None = None
 
     def wait_ready(self, timeout_s: float = 900) -> None:
@@ -428,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=0, help="requests per level (default max(12, 2 x c))")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--no-handles", action="store_true", help="HTTP only")
+    parser.add_argument("--direct", action="store_true",
+                        help="with --start: also run the HTTP levels on the Routers' direct port (--direct-port)")
     parser.add_argument("--api-key", default=os.environ.get("RAYLM_API_KEY"))
     parser.add_argument("--device", help="name of the serving device for the result file")
     parser.add_argument("--out", type=Path)
@@ -438,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"offline: {offline['output_tokens_per_s']:.1f} tok/s over {offline['requests']} requests; "
           f"decode step alone p50 {fmt_ms(offline['engine_decode_step_s']['p50'])} ms", flush=True)
 
-    server = LocalServer(serve_args(args)) if args.start else None
-    levels, handle_levels, submit_levels = [], [], []
+    server = LocalServer(serve_args(args), direct=args.direct) if args.start else None
+    levels, direct_levels, handle_levels, submit_levels = [], [], [], []
     try:
         if server:
             server.wait_ready()
@@ -454,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
                 levels.append(asyncio.run(http_level(url, bodies, c, count(args, c), headers)))
             levels[-1]["process_cpu"] = cpu.report(levels[-1]["output_tokens"])
             print(f"HTTP concurrency {c}: {levels[-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
+        for c in args.concurrency if server and server.direct_url else []:
+            with ProcessCPU(server.proc.pid) as cpu:
+                direct_levels.append(asyncio.run(http_level(server.direct_url, bodies, c, count(args, c), headers)))
+            direct_levels[-1]["process_cpu"] = cpu.report(direct_levels[-1]["output_tokens"])
+            print(f"HTTP direct concurrency {c}: {direct_levels[-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
         if not args.no_handles:
             from cluster.cli import connect_ray
             from cluster.client import connect
@@ -480,6 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"offline LLM.generate: {offline['output_tokens_per_s']:.1f} tok/s; engine decode step (one request) "
           f"p50 {fmt_ms(offline['engine_decode_step_s']['p50'])} ms")
     print_table("HTTP (SSE)", levels)
+    if direct_levels:
+        print_table("HTTP (SSE) on the Routers' direct port (no proxy hop)", direct_levels)
     if handle_levels:
         print_table("Client.stream (Ray handle)", handle_levels)
         print_table("ray.get(Client.submit) (no TTFT/ITL: one result)", submit_levels)
@@ -488,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": len(PROMPTS), "prompt_kinds": list(KINDS), "device": device,
         "offline_output_tok_s": offline["output_tokens_per_s"], "offline": offline,
         "engine_decode_step_s": offline["engine_decode_step_s"],
-        "levels": levels, "handle_stream_levels": handle_levels, "handle_submit_levels": submit_levels,
+        "levels": levels, "direct_levels": direct_levels, "handle_stream_levels": handle_levels, "handle_submit_levels": submit_levels,
         "started_server": bool(server), "serve_args": serve_args(args) if server else None,
         "machine": info, "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -496,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
-    every = levels + handle_levels + submit_levels
+    every = levels + direct_levels + handle_levels + submit_levels
     return 0 if all(lv["ok"] == lv["requests"] for lv in every) else 1
 
 

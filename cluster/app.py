@@ -31,6 +31,8 @@ args (all optional):
   router_num_cpus     the Router's CPU share (default 0.25)
   router_actor_options  Ray actor options of the Router (e.g. {"resources": {"head": 0.01}})
   num_routers         Router replicas (default 1; the HTTP proxy balances across them)
+  direct_port, direct_host  the Routers also answer HTTP on this port of their nodes (all Routers of a
+                      node share it, SO_REUSEPORT), skipping Serve's proxy: router.direct_http
   route_prefix, name  used by `run()` (config files set them at the application level)
 """
 from __future__ import annotations
@@ -52,7 +54,7 @@ _KNOWN = {"model", "engine", "num_replicas", "ray_actor_options", "max_replicas_
           "max_ongoing_requests", "max_queued_requests", "imbalance_threshold", "api_key",
           "served_model_name", "max_body_mb", "max_embeds_mb", "router_num_cpus", "route_prefix",
           "name", "health_check_period_s", "router_actor_options", "num_routers", "routing_stats_period_s",
-          "stream_batching"}
+          "stream_batching", "direct_port", "direct_host"}
 
 
 def _default_actor_options() -> dict:
@@ -130,6 +132,8 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         served_model_name=args.get("served_model_name"),
         max_body_bytes=int(float(args.get("max_body_mb", 256)) * mb),
         max_embeds_bytes=int(float(args["max_embeds_mb"]) * mb) if args.get("max_embeds_mb") else None,
+        direct_port=int(args["direct_port"]) if args.get("direct_port") else None,
+        direct_host=args.get("direct_host", "0.0.0.0"),
     )
 
 

@@ -1,6 +1,7 @@
 """The `raylm` command: serve the HTTP app on Ray, generate offline, or show Serve status.
 
     raylm serve [--config FILE] [--model M] [--num-replicas N] [--num-routers N] [--port P] [--host H]
+                [--direct-port P]
                 [--address ADDR] [--api-key K] [--engine KEY=VALUE ...]
                 [--stream-messages-per-s N] [--stream-interval-ms MS] [--stream-max-interval-ms MS]
     raylm generate (--prompt TEXT | --embeds FILE.pt)... [--max-tokens N] [--temperature T]
@@ -54,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="KEY=VALUE", help="an engine option, e.g. max_model_len=2048")
     serve.add_argument("--num-routers", type=int,
                        help="Router replicas (default 1; one carries the HTTP streams of about one GPU replica, "
-                            "and each keeps its own /metrics)")
+                            "and /metrics sums all of their counts)")
+    serve.add_argument("--direct-port", type=int,
+                       help="the Routers also answer HTTP on this port of their nodes, skipping Serve's proxy "
+                            "(all Routers of a node share it: the kernel spreads connections over them)")
     serve.add_argument("--api-key", help="require this bearer token")
     serve.add_argument("--stream-messages-per-s", type=float,
                        help="per replica, the stream messages a second it aims at while many streams are open "
@@ -93,7 +97,7 @@ def build_app_args(ns: argparse.Namespace) -> dict[str, Any]:
     """The `cluster.app:build_app` args the command line names (unset flags are left out)."""
     args: dict[str, Any] = {}
     for flag, key in (("model", "model"), ("num_replicas", "num_replicas"), ("num_routers", "num_routers"),
-                      ("api_key", "api_key"), ("route_prefix", "route_prefix"), ("name", "name")):
+                      ("direct_port", "direct_port"), ("api_key", "api_key"), ("route_prefix", "route_prefix"), ("name", "name")):
         if getattr(ns, flag) is not None:
             args[key] = getattr(ns, flag)
     if ns.engine:
@@ -180,11 +184,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         for app in apps:
             name = app["args"].pop("name", "raylm")
             prefix = app["args"].pop("route_prefix", "/")
+            direct = app["args"].get("direct_port")
+            if direct:
+                app["args"].setdefault("direct_host", host)
             target = _import(app["import_path"])
             application = target(app["args"]) if callable(target) else target
             serve.run(application, name=name, route_prefix=prefix, blocking=False)
             deployed.append(name)
             print(f"raylm: {name} serving at http://{host}:{port}{prefix.rstrip('/')}/v1", flush=True)
+            if direct:
+                print(f"raylm: {name}'s Routers also at http://{host}:{direct}/v1 (no proxy hop)", flush=True)
         print(f"raylm: Ray at {ray.get_runtime_context().gcs_address}"
               f"{f', logs in {temp_dir}' if temp_dir else ''}; Ctrl-C to stop", flush=True)
         _wait_for_signal()

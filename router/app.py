@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from replicas.protocol import GenerateChunk, GenerateRequest, LoadReport, ModelInfo
-from router import errors
+from router import direct_http, errors
 from router.chat import build_chat_prompt
 from router.chat_responses import ChatChoice, ChatHeader
 from router.chat_schemas import ChatCompletionRequest
@@ -31,6 +31,7 @@ from router.embeds import EmbedsError, decode_embeds_entry
 from router.errors import APIError, bad_request, quote, unavailable
 from router.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from router.metrics import Metrics, observe_many
+from router.metrics_board import BoardLink
 from router.msgpack_codec import (MSGPACK_CONTENT_TYPE, MsgpackBodyError, container_budget, decode_msgpack_body,
                                   encode_msgpack_response)
 from router.responses import Choice, CompletionHeader, prompt_logprobs_json, usage
@@ -88,11 +89,20 @@ async def _close(jobs: list[PromptJob]) -> None:
                 pass
 
 
+def _app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:  # noqa: BLE001 - outside a Serve replica (a Router built by hand)
+        return "raylm"
+
+
 @serve.ingress(app)
 class Router:
     def __init__(self, replicas, api_key: str | None = None, served_model_name: str | list[str] | None = None,
                  max_body_bytes: int = 256 * 1024 * 1024, max_embeds_bytes: int | None = None,
-                 max_prompts: int = 1024) -> None:
+                 max_prompts: int = 1024, direct_port: int | None = None, direct_host: str = "0.0.0.0") -> None:
+        """direct_port: also answer HTTP on this port of the Router's node, skipping Serve's proxy
+        (router.direct_http; every Router of the node shares the port)."""
         self.replicas = replicas
         self.api_key = api_key or os.environ.get("RAYLM_API_KEY") or None
         names = served_model_name or []
@@ -101,9 +111,12 @@ class Router:
         self.max_embeds_bytes = max_embeds_bytes
         self.max_prompts = max_prompts
         self.metrics = Metrics(self._replica_stats, self._num_live_replicas)
+        self._board = BoardLink(_app_name(), uuid.uuid4().hex, self.metrics.registry)
+        self._board.start()
         self._info: ModelInfo | None = None
         self._tokenizer = None
         self._info_lock: asyncio.Lock | None = None
+        self._direct_server = direct_http.start(app, direct_host, direct_port) if direct_port else None
 
     # -- shared state -------------------------------------------------------------------------
     def _replica_stats(self) -> dict[str, LoadReport]:
@@ -464,5 +477,6 @@ class Router:
                 await self._model_info()
             except APIError:
                 pass  # no replica answers yet: the router's own metrics still render
-        return Response(self.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+        self._board.start()
+        return Response(self.metrics.render(await self._board.others()), media_type=METRICS_CONTENT_TYPE)
 

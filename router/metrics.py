@@ -1,6 +1,7 @@
 """Prometheus metrics of the router, served on GET /metrics.
 
-Request counts, token counts and latencies are observed here as responses stream through;
+Request counts, token counts and latencies are observed here as responses stream through (and
+summed over the application's Routers at a scrape: router.metrics_board);
 per-replica running/waiting/KV usage come from each replica's LoadReport (its
 `record_routing_stats`, which Serve polls and hands to our request router, router.routing.ROUTERS).
 """
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from replicas.protocol import LoadReport
+from router.metrics_board import Family, merged, snapshot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -74,7 +76,17 @@ class Metrics:
                                registry=r)
         self.e2e = Histogram("raylm_request_latency_seconds", "Request latency, arrival to last token",
                              buckets=_LATENCY_BUCKETS, registry=r)
-        r.register(_ReplicaCollector(replica_stats, num_live_replicas))
+        self._replicas = _ReplicaCollector(replica_stats, num_live_replicas)  # not summed over Routers
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, other_routers: list[list[Family]] = ()) -> bytes:
+        """This Router's counts plus the other Routers' latest totals (router.metrics_board), and the
+        replicas' gauges."""
+        own = snapshot(self.registry)
+        replicas = self._replicas
+
+        class _Everything:
+            def collect(self):
+                yield from merged([own, *other_routers])
+                yield from replicas.collect()
+
+        return generate_latest(_Everything())

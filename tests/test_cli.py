@@ -83,6 +83,16 @@ def test_stream_batching_flags_become_the_stream_batching_arg():
         build_app({"stream_batching": {"every_ms": 5}})
 
 
+def test_direct_port_flag_becomes_the_direct_port_arg():
+    from cluster.app import build_app
+
+    args = build_app_args(parse("serve", "--num-routers", "4", "--direct-port", "8100"))
+    assert args == {"num_routers": 4, "direct_port": 8100}
+    assert type(build_app(args)).__name__ == "Application"
+    with pytest.raises(SystemExit):
+        parse("serve", "--direct-port", "http")
+
+
 def test_unset_serve_flags_leave_build_app_defaults():
     ns = parse("serve")
     assert build_app_args(ns) == {}

@@ -602,3 +602,69 @@ def test_body_over_the_limit_is_413(guarded):
                       headers={"Authorization": f"Bearer {GUARD_KEY}", "Content-Type": "application/json"})
     assert r.status_code == 413
     assert_error_body(r.json(), "invalid_request_error")
+
+
+# -- the Routers' direct port (router.direct_http) ----------------------------------------------
+@pytest.fixture(scope="module")
+def direct(server):
+    """A third app: two Routers that also listen on one shared port of their own (SO_REUSEPORT),
+    API key required. Its URLs: through Serve's proxy, and straight to the Routers."""
+    from cluster.app import run
+
+    port = free_port()
+    run({"name": "pair", "route_prefix": "/pair", "api_key": GUARD_KEY, "num_routers": 2, "direct_port": port,
+         "direct_host": "127.0.0.1", "engine": {"max_model_len": 1024},
+         "ray_actor_options": {"num_cpus": 0.25}, "router_num_cpus": 0.1})  # fits beside the other apps
+    proxied, straight = f"{server.base}/pair", f"http://127.0.0.1:{port}"
+    wait_healthy(proxied)
+    return SimpleNamespace(proxied=proxied, straight=straight)
+
+
+def test_direct_port_answers_as_the_proxy_does(direct):
+    from ray import serve
+
+    routers = serve.status().applications["pair"].deployments["Router"].replica_states
+    assert routers.get("RUNNING") == 2, routers  # both Routers bound the shared port
+    clients = [OpenAI(api_key=GUARD_KEY, base_url=f"{base}/v1", max_retries=0, timeout=300)
+               for base in (direct.proxied, direct.straight)]
+    ask = dict(model=MODEL, prompt="The capital of France is", max_tokens=12, temperature=0.0)
+    texts = [c.completions.create(**ask).choices[0].text for c in clients]
+    assert texts[0] == texts[1] and texts[0]
+    streamed = "".join(ch.choices[0].text for ch in clients[1].completions.create(stream=True, **ask))
+    assert streamed == texts[0]
+    for _ in range(6):  # new connections, spread by the kernel over both Routers
+        r = requests.get(f"{direct.straight}/health", timeout=30, headers={"Connection": "close"})
+        assert r.status_code == 200 and r.json()["live_replicas"] == 1
+
+
+def test_direct_port_errors_are_openai_errors(direct):
+    r = requests.post(f"{direct.straight}/v1/completions", timeout=60, json={"prompt": "Hi", "max_tokens": 4})
+    assert r.status_code == 401
+    assert_error_body(r.json())
+    r = requests.post(f"{direct.straight}/v1/completions", timeout=60, headers={"Authorization": f"Bearer {GUARD_KEY}"},
+                      json={"prompt": "Hi", "max_tokens": -1})
+    assert r.status_code == 400
+    assert_error_body(r.json(), "invalid_request_error")
+    metrics = requests.get(f"{direct.straight}/metrics", timeout=30)
+    assert metrics.status_code == 200 and "raylm_requests_total" in metrics.text
+
+
+def test_metrics_count_the_requests_of_every_router(direct):
+    """Each scrape reaches one of the two Routers; each answers with both Routers' counts."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def ok_requests() -> float:
+        text = requests.get(f"{direct.straight}/metrics", timeout=30, headers={"Connection": "close"}).text
+        return sum(s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == "raylm_requests_total" and s.labels.get("status") == "200")
+
+    time.sleep(2.5)  # earlier tests' counts reach the board
+    before = max(ok_requests() for _ in range(4))
+    for _ in range(8):  # new connections: the kernel spreads them over both Routers
+        r = requests.post(f"{direct.straight}/v1/completions", timeout=120,
+                          headers={"Authorization": f"Bearer {GUARD_KEY}", "Connection": "close"},
+                          json={"prompt": "Hi", "max_tokens": 1})
+        assert r.status_code == 200, r.text
+    time.sleep(2.5)  # each Router sends its totals every second
+    seen = [ok_requests() for _ in range(6)]
+    assert all(v >= before + 8 for v in seen), (before, seen)
