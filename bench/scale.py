@@ -10,6 +10,7 @@
 Every configuration runs in a child process of its own (a fresh Ray instance and a clean GPU).
 
     python bench/scale.py --tokenizer .devtok                    # both parts, every size the GPUs allow
+    python bench/scale.py --tokenizer .devtok --skip-tp --direct # (b) on the Routers' direct port (no proxy)
     python bench/scale.py --tokenizer .devtok --tp 1 2 --dp 1 2  # pick sizes
     python bench/scale.py --tokenizer .devtok --skip-dp --tp-eager   # TP without CUDA graphs as well
 
@@ -173,8 +174,9 @@ def dp_child(args) -> dict:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     n = args.child_size
+    direct = free_port() if args.direct else None  # the Routers' own port (router.direct_http)
     t0 = time.perf_counter()
-    run({"name": "raylm", "model": args.dp_model,
+    run({"name": "raylm", "model": args.dp_model, "direct_port": direct, "direct_host": "127.0.0.1",
          "engine": {"load_format": "dummy", "tokenizer": args.tokenizer, "max_model_len": args.max_model_len},
          "num_replicas": n, "ray_actor_options": {"num_gpus": 1, "num_cpus": 2} if gpu else {"num_cpus": 1},
          "num_routers": args.num_routers or n, "max_ongoing_requests": args.concurrency,
@@ -184,14 +186,15 @@ def dp_child(args) -> dict:
         time.sleep(1)
     startup = time.perf_counter() - t0
     model_id = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
-    url = f"{base}/v1/completions"
+    url = f"http://127.0.0.1:{direct}/v1/completions" if direct else f"{base}/v1/completions"
     drive(url, dp_bodies(model_id, args.concurrency, args.prompt_len, 32, seed=1), args.concurrency,
           args.client_processes)  # warm every replica
     result = drive(url, dp_bodies(model_id, args.requests, args.prompt_len, args.max_tokens), args.concurrency,
                    args.client_processes)
     serve.shutdown()
     ray.shutdown()
-    return {"replicas": n, "routers": args.num_routers or n, "startup_s": startup, "concurrency": args.concurrency,
+    return {"replicas": n, "routers": args.num_routers or n, "direct_port": bool(direct), "startup_s": startup,
+            "concurrency": args.concurrency,
             "requests": args.requests, "prompt_tokens": args.prompt_len, "max_tokens": args.max_tokens, **result}
 
 
@@ -231,6 +234,7 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--num-routers", type=int, default=None, help="Router replicas (default: one per replica)")
     ap.add_argument("--client-processes", type=int, default=4)
+    ap.add_argument("--direct", action="store_true", help="DP: HTTP to the Routers' direct port, not Serve's proxy")
     ap.add_argument("--child", choices=["tp", "dp"], help=argparse.SUPPRESS)
     ap.add_argument("--child-size", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--child-eager", action="store_true", help=argparse.SUPPRESS)
