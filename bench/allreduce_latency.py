@@ -7,6 +7,7 @@ one-shot peer-memory kernel (replicas.parallel.p2p_allreduce), each timed as a C
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import socket
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
+from torch.distributed import TCPStore
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -101,8 +103,6 @@ def main() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    from torch.distributed import TCPStore
-    import datetime
     store = TCPStore("127.0.0.1", port, args.world, is_master=True, timeout=datetime.timedelta(seconds=120),
                      wait_for_workers=False)
     # The group's own choice of path off: both paths are called by hand here.
