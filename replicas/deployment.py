@@ -90,6 +90,7 @@ class Replica:
 
         from replicas.async_engine import AsyncEngine
         from replicas.engine import LLMEngine
+        from replicas.engine_process import EngineProcess
 
         kwargs = dict(engine_kwargs or {})
         # Ray's GPU accounting may be fake (tests declare GPUs a CPU machine lacks): ask torch.
@@ -99,7 +100,13 @@ class Replica:
         kwargs.setdefault("enable_prompt_embeds", True)
         # Debug hook for failure tests and soaks: lets `inject_fault` stop this engine's loop.
         self._fault_injection = bool(kwargs.pop("fault_injection", False))
-        self.engine = LLMEngine.from_kwargs(model=model, device=device, num_threads=threads, **kwargs)
+        use_process = kwargs.pop("engine_process", None)
+        if use_process is None:  # default: on GPUs, where the step's host work would wait for the GIL
+            use_process = device.startswith("cuda") and int(kwargs.get("tensor_parallel_size") or 1) == 1
+        if use_process:
+            self.engine = EngineProcess(model, dict(kwargs, device=device, num_threads=threads))
+        else:
+            self.engine = LLMEngine.from_kwargs(model=model, device=device, num_threads=threads, **kwargs)
         self.async_engine = AsyncEngine(self.engine)
         try:
             self.replica_id = serve.get_replica_context().replica_id.unique_id
@@ -212,7 +219,7 @@ class Replica:
         if not self.async_engine.is_alive():
             raise EngineDeadError(f"replica {self.replica_id}: {self.async_engine.dead_reason}")
         try:
-            self.engine.runner.check_health()  # tensor parallel: a worker may fail while the engine idles
+            self.engine.check_health()  # a TP worker or the engine process may fail while the engine idles
         except RuntimeError as e:
             raise EngineDeadError(f"replica {self.replica_id}: {e}") from None
 
@@ -257,3 +264,6 @@ class Replica:
         engine = getattr(self, "async_engine", None)
         if engine is not None:
             engine.shutdown()
+        stop_child = getattr(getattr(self, "engine", None), "shutdown", None)  # EngineProcess
+        if stop_child is not None:
+            stop_child()

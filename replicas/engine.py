@@ -41,6 +41,28 @@ class PreparedPrompt:
     max_tokens: int
 
 
+def prepare_prompt(prompt, params: SamplingParams, tokenizer, model_config: ModelConfig, dtype: torch.dtype,
+                   enable_prompt_embeds: bool, kv_capacity_tokens: int) -> PreparedPrompt:
+    """LLMEngine.prepare's work, for callers that hold the engine's limits but not the engine
+    (replicas.engine_process prepares prompts on the replica's side of the process boundary)."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
+    processed = process_prompt(prompt, tokenizer, model_config, dtype, enable_prompt_embeds)
+    if params.prompt_logprobs is not None and processed.has_embeds:
+        raise ValueError("prompt_logprobs is not available for prompt_embeds (there are no prompt token ids)")
+    n, limit = processed.num_tokens, model_config.max_model_len
+    max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
+    if n + max_tokens > limit:
+        raise ValueError(f"the prompt has {n} tokens and max_tokens is {max_tokens}: together more than "
+                         f"max_model_len ({limit}); shorten the prompt to at most {limit - max_tokens} tokens")
+    if max_tokens < 1:
+        raise ValueError(f"the prompt has {n} tokens, leaving no room to generate within max_model_len {limit}")
+    if n + max_tokens > kv_capacity_tokens:
+        raise ValueError(f"prompt ({n}) plus max_tokens ({max_tokens}) exceeds the KV cache capacity "
+                         f"of {kv_capacity_tokens} tokens")
+    return PreparedPrompt(processed, params, max_tokens)
+
+
 @dataclass
 class _Add:
     request: Request
@@ -91,24 +113,12 @@ class LLMEngine:
     def prepare(self, prompt, params: SamplingParams) -> PreparedPrompt:
         """Validate and tokenize/copy a prompt once; raises ValueError naming what was expected.
         The result can be handed to add_request so nothing is processed twice."""
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be SamplingParams, got {type(params).__name__}")
-        processed = process_prompt(prompt, self.tokenizer, self.model_config, self.dtype,
-                                   self.cfg.enable_prompt_embeds)
-        if params.prompt_logprobs is not None and processed.has_embeds:
-            raise ValueError("prompt_logprobs is not available for prompt_embeds (there are no prompt token ids)")
-        n, limit = processed.num_tokens, self.model_config.max_model_len
-        max_tokens = params.max_tokens if params.max_tokens is not None else limit - n
-        if n + max_tokens > limit:
-            raise ValueError(f"the prompt has {n} tokens and max_tokens is {max_tokens}: together more than "
-                             f"max_model_len ({limit}); shorten the prompt to at most {limit - max_tokens} tokens")
-        if max_tokens < 1:
-            raise ValueError(f"the prompt has {n} tokens, leaving no room to generate within max_model_len {limit}")
-        capacity = self.kv.num_total_blocks * self.cfg.block_size
-        if n + max_tokens > capacity:
-            raise ValueError(f"prompt ({n}) plus max_tokens ({max_tokens}) exceeds the KV cache capacity "
-                             f"of {capacity} tokens")
-        return PreparedPrompt(processed, params, max_tokens)
+        return prepare_prompt(prompt, params, self.tokenizer, self.model_config, self.dtype,
+                              self.cfg.enable_prompt_embeds, self.kv.num_total_blocks * self.cfg.block_size)
+
+    def check_health(self) -> None:
+        """Raises when the runner can no longer step (tensor parallel: a worker failed)."""
+        self.runner.check_health()
 
     def validate_prompt(self, prompt, params: SamplingParams) -> None:
         self.prepare(prompt, params)

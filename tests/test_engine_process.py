@@ -1,0 +1,157 @@
+"""replicas.engine_process: the engine in a child process, behind AsyncEngine and the Replica
+(embedded default model on the CPU, no Ray), checked against the same engine in process."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from replicas.async_engine import AsyncEngine, EngineDeadError
+from replicas.engine_process import EngineProcess
+from replicas.sampling_params import SamplingParams
+
+DEADLINE_S = 60
+ENGINE = {"max_model_len": 512, "device": "cpu", "num_threads": 1}
+
+
+@pytest.fixture(scope="module")
+def engines():
+    from replicas.engine import LLMEngine
+
+    child = AsyncEngine(EngineProcess(None, dict(ENGINE)))
+    local = AsyncEngine(LLMEngine.from_kwargs(model=None, **ENGINE))
+    yield child, local
+    child.shutdown()
+    child.engine.shutdown()
+    local.shutdown()
+    assert child.engine.proc.returncode == 0  # the child left when asked
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, DEADLINE_S))
+
+
+async def streamed(ae: AsyncEngine, rid: str, prompt, params: SamplingParams) -> dict:
+    """Every completion's text and token ids, put together from the delta stream."""
+    text, ids, reasons = {}, {}, {}
+    async for outs in ae.stream(rid, prompt, params):
+        for out in outs:
+            for c in out.outputs:
+                text[c.index] = text.get(c.index, "") + c.text
+                ids.setdefault(c.index, []).extend(c.token_ids)
+                if c.finish_reason is not None:
+                    reasons[c.index] = c.finish_reason
+    return {"text": text, "ids": ids, "finish": reasons}
+
+
+def idle_within(ae: AsyncEngine, timeout_s: float = DEADLINE_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        load = ae.get_load()
+        if load.num_running == 0 and load.num_waiting == 0 and load.num_free_blocks == load.num_total_blocks:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_streams_equal_the_in_process_engine_for_text_tokens_and_embeds(engines):
+    child, local = engines
+    ids = list(local.engine.tokenizer("The capital of France is").input_ids)
+    embeds = local.engine.input_embeddings(ids).float().numpy()
+    cases = [
+        ("The three primary colors are", SamplingParams(max_tokens=12, temperature=0.0)),
+        ({"prompt_token_ids": ids}, SamplingParams(max_tokens=12, temperature=0.0)),
+        ({"prompt_embeds": embeds}, SamplingParams(max_tokens=12, temperature=0.0)),
+        ("Once upon a time", SamplingParams(max_tokens=10, temperature=0.9, seed=7, n=2)),
+        ("1, 2, 3, 4,", SamplingParams(max_tokens=24, temperature=0.0, stop=[" 7"])),  # the child detokenizes
+    ]
+
+    async def both(i, prompt, params):
+        return await asyncio.gather(streamed(child, f"c{i}", prompt, params), streamed(local, f"l{i}", prompt, params))
+
+    async def all_cases():
+        return await asyncio.gather(*(both(i, p, sp) for i, (p, sp) in enumerate(cases)))
+
+    results = run(all_cases())
+    for (prompt, params), (from_child, from_local) in zip(cases, results):
+        assert from_child == from_local, prompt if isinstance(prompt, str) else list(prompt)
+        assert sorted(from_child["ids"]) == list(range(params.n))
+        assert all(from_child["ids"][i] for i in range(params.n))
+    assert results[-1][0]["finish"] == {0: "stop"} and not results[-1][0]["text"][0].endswith(" 7")
+    assert idle_within(child)
+
+
+def test_bad_prompts_fail_on_the_replica_side_and_the_child_keeps_serving(engines):
+    child, _ = engines
+    with pytest.raises(ValueError, match="max_model_len"):
+        child.engine.prepare("hello " * 600, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError):
+        child.engine.prepare({"prompt_embeds": [[1.0, 2.0]]}, SamplingParams(max_tokens=4))  # wrong width
+
+    async def bad_then_good():
+        with pytest.raises(ValueError):
+            await streamed(child, "bad", "x " * 600, SamplingParams(max_tokens=4))
+        return await streamed(child, "good", "Hello", SamplingParams(max_tokens=3, temperature=0.0))
+
+    assert len(run(bad_then_good())["ids"][0]) == 3
+    assert child.is_alive() and idle_within(child)
+
+
+def test_a_consumer_that_leaves_aborts_its_request_and_frees_its_blocks(engines):
+    child, _ = engines
+
+    async def leave_early():
+        stream = child.stream("leaver", "Tell me a long story:", SamplingParams(max_tokens=400, ignore_eos=True))
+        got = 0
+        async for outs in stream:
+            got += sum(len(c.token_ids) for o in outs for c in o.outputs)
+            if got >= 3:
+                break
+        await stream.aclose()
+        return got
+
+    assert run(leave_early()) >= 3
+    assert idle_within(child)  # the child's load says every block is free again
+    assert child.num_aborted >= 1
+
+
+def test_replica_runs_its_engine_in_a_child_and_fails_cleanly_when_the_child_dies():
+    from replicas.deployment import Replica
+    from replicas.protocol import GenerateRequest
+
+    replica = Replica(None, {"engine_process": True, "max_model_len": 512, "num_threads": 1, "device": "cpu"})
+    engine = replica.engine
+    try:
+        assert isinstance(engine, EngineProcess) and engine.proc.poll() is None
+        replica.check_health()
+        assert replica.model_info().max_model_len == 512
+
+        async def generate(rid, max_tokens):
+            request = GenerateRequest(request_id=rid, prompt="Hello there",
+                                      params=SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+            return [chunk async for chunk in replica.generate(request)]
+
+        chunks = run(generate("r1", 6))
+        assert chunks[0].accepted and chunks[-1].finished
+        assert sum(len(d.token_ids) for c in chunks for d in c.deltas) == 6
+
+        async def killed_mid_stream():
+            request = GenerateRequest(request_id="r2", prompt="Count:",
+                                      params=SamplingParams(max_tokens=400, ignore_eos=True))
+            seen = 0
+            with pytest.raises(EngineDeadError):
+                async for chunk in replica.generate(request):
+                    seen += sum(len(d.token_ids) for d in chunk.deltas)
+                    if seen and engine.proc.poll() is None:
+                        engine.proc.kill()
+            return seen
+
+        assert run(killed_mid_stream()) > 0
+        with pytest.raises(EngineDeadError):
+            replica.check_health()  # Serve replaces the replica
+        with pytest.raises(EngineDeadError):
+            run(generate("r3", 2))  # later requests are refused at once (routers retry elsewhere)
+    finally:
+        replica.__del__()
+    assert engine.proc.poll() is not None
