@@ -20,6 +20,7 @@ A child whose parent dies sees the socket close at its next poll and exits, givi
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import pickle
 import socket
@@ -27,14 +28,14 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
 
 import torch
 
 from replicas.config import ModelConfig
 from replicas.engine import EngineLoad, PreparedPrompt, prepare_prompt
-from replicas.outputs import RequestOutput
+from replicas.outputs import CompletionOutput, RequestOutput
 from replicas.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -81,8 +82,23 @@ class ShutdownCommand:
 
 @dataclass
 class StepMessage:
-    outputs: list[RequestOutput]
+    rows: list[tuple]  # the step's RequestOutputs as plain tuples (encode_outputs): pickled 2-3x faster
     load: EngineLoad
+
+
+_REQUEST_FIELDS = [f.name for f in fields(RequestOutput)]
+assert _REQUEST_FIELDS.index("outputs") == 3  # decode_outputs passes the fields by position
+_request_head = operator.attrgetter(*(n for n in _REQUEST_FIELDS if n != "outputs"))
+_completion_row = operator.attrgetter(*(f.name for f in fields(CompletionOutput)))
+
+
+def encode_outputs(outputs: list[RequestOutput]) -> list[tuple]:
+    return [(_request_head(o), [_completion_row(c) for c in o.outputs]) for o in outputs]
+
+
+def decode_outputs(rows: list[tuple]) -> list[RequestOutput]:
+    return [RequestOutput(h[0], h[1], h[2], [CompletionOutput(*c) for c in completions], *h[3:])
+            for h, completions in rows]
 
 
 @dataclass
@@ -180,7 +196,7 @@ class EngineProcess:
             self._failed = f"engine process: {message.reason}"
             raise RuntimeError(self._failed)
         self._load = message.load
-        return message.outputs
+        return decode_outputs(message.rows)
 
     def shutdown(self) -> None:
         try:
@@ -231,7 +247,7 @@ def _serve(conn: Connection) -> None:
             if busy:
                 outputs = engine.step()
                 if outputs or not engine.has_unfinished_requests():
-                    _send(conn, StepMessage(outputs, engine.get_load()))
+                    _send(conn, StepMessage(encode_outputs(outputs), engine.get_load()))
     except (EOFError, OSError):
         return  # the replica is gone
     except BaseException as e:  # noqa: BLE001 - the replica's streams end with this reason

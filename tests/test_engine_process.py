@@ -155,3 +155,18 @@ def test_replica_runs_its_engine_in_a_child_and_fails_cleanly_when_the_child_die
     finally:
         replica.__del__()
     assert engine.proc.poll() is not None
+
+
+def test_step_outputs_cross_the_process_boundary_unchanged():
+    import pickle
+
+    from replicas.engine_process import decode_outputs, encode_outputs
+    from replicas.outputs import CompletionOutput, Logprob, RequestOutput
+
+    outs = [
+        RequestOutput("a", "hi", [1, 2], [CompletionOutput(0, "x", [5], -0.5, [{5: Logprob(-0.5, 1, "x")}], None)],
+                      False, 2, [None, {2: Logprob(-1.0, 1, "b")}], 1, {"t": 1.0}),
+        RequestOutput("b", None, None, [CompletionOutput(0, "", [7, 8], None, None, "length"),
+                                        CompletionOutput(1, "yz", [], None, None, "stop", "z")], True, 12),
+    ]
+    assert decode_outputs(pickle.loads(pickle.dumps(encode_outputs(outs)))) == outs
