@@ -98,6 +98,9 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
         health_check_period_s=float(args.get("health_check_period_s", 5)),
         health_check_timeout_s=60,
         graceful_shutdown_timeout_s=5,
+        # Its callers are the Routers' handle calls (requests, loads, aborts): an access-log line
+        # each costs the replica's event loop more than it tells anyone; the Routers log HTTP.
+        logging_config={"enable_access_log": False},
         request_router_config=RequestRouterConfig(
             request_router_class=PrefixAffinityRouter,
             request_router_kwargs={"imbalance_threshold": float(args.get("imbalance_threshold", 4))},
