@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -125,7 +128,7 @@ def test_replica_runs_its_engine_in_a_child_and_fails_cleanly_when_the_child_die
     try:
         assert isinstance(engine, EngineProcess) and engine.proc.poll() is None
         replica.check_health()
-        assert replica.model_info().max_model_len == 512
+        assert engine.model_config.max_model_len == 512 and engine.device.type == "cpu"
 
         async def generate(rid, max_tokens):
             request = GenerateRequest(request_id=rid, prompt="Hello there",
@@ -170,3 +173,72 @@ def test_step_outputs_cross_the_process_boundary_unchanged():
                                         CompletionOutput(1, "yz", [], None, None, "stop", "z")], True, 12),
     ]
     assert decode_outputs(pickle.loads(pickle.dumps(encode_outputs(outs)))) == outs
+
+
+def _engine_children() -> set[int]:
+    """Pids of running engine processes (python -m replicas.engine_process)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"replicas.engine_process" in f.read():
+                    found.add(int(pid))
+        except OSError:
+            pass
+    return found
+
+
+def _gone_within(pids: set[int], timeout_s: float = 30) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not pids & _engine_children():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_the_child_exits_when_its_replica_is_killed(tmp_path):
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import time\n"
+        "from replicas.engine_process import EngineProcess\n"
+        f"e = EngineProcess(None, {ENGINE!r})\n"
+        "print(e.proc.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path))
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        child = int(owner.stdout.readline())
+        assert child in _engine_children()
+    finally:
+        owner.kill()  # SIGKILL: no __del__, no shutdown message; only the socket closes
+        owner.wait()
+    assert _gone_within({child})
+
+
+def test_serve_replica_with_the_engine_in_a_child_answers_the_openai_client(engines):
+    from openai import OpenAI
+
+    from serve_utils import serving
+
+    _, local = engines
+    before = _engine_children()
+    app = {"name": "raylm", "route_prefix": "/", "num_replicas": 1,
+           "engine": {"max_model_len": 512, "engine_process": True}}
+    with serving("engine-process", app) as base:
+        children = _engine_children() - before
+        assert len(children) == 1  # the replica's engine
+        client = OpenAI(base_url=f"{base}/v1", api_key="none")
+        model = client.models.list().data[0].id
+        prompt = "The three primary colors are"
+        whole = client.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0.0)
+        streamed = "".join(c.choices[0].text for c in client.completions.create(
+            model=model, prompt=prompt, max_tokens=12, temperature=0.0, stream=True))
+        expected = run(streamed_text(local, prompt, SamplingParams(max_tokens=12, temperature=0.0)))
+        assert whole.choices[0].text == streamed == expected
+        assert whole.usage.completion_tokens == 12
+    assert _gone_within(children)  # Serve shut the replica down: its engine process went with it
+
+
+async def streamed_text(ae: AsyncEngine, prompt: str, params: SamplingParams) -> str:
+    return (await streamed(ae, "serve-check", prompt, params))["text"][0]
