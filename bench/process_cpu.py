@@ -1,7 +1,8 @@
 """CPU time of the serving processes on this machine during a benchmark level, by role.
 
 Read from /proc (Linux): Ray names its worker processes `ray::<actor class>...`, so the Serve proxy,
-the Router replicas and the engine replicas can be told apart. A role whose busiest process used
+the Router replicas and the engine replicas can be told apart (and a replica's engine process,
+`python -m replicas.engine_process`). A role whose busiest process used
 about one core for the whole level (`max_util` near 1.0) is saturated: a single Python thread's
 event loop, or the GIL, is the limit there.
 """
@@ -15,6 +16,8 @@ ROLES = (("ServeReplica:", ":Router", "router"), ("ServeReplica:", ":Replica", "
 
 
 def _role(cmdline: str) -> str | None:
+    if "replicas.engine_process" in cmdline:
+        return "engine"  # a GPU replica's engine, in a child process of the replica
     if "ray::" not in cmdline:
         return None
     name = cmdline.split("ray::", 1)[1].split()[0] if cmdline.split("ray::", 1)[1].split() else ""
