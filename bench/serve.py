@@ -8,7 +8,8 @@ Then the same requests through the Python handles (`cluster.connect()`): `Client
 (threads, one per concurrent stream) and `ray.get(client.submit(...))`. The same workload through
 the offline engine (`LLM.generate`, every request at once; the median of `--offline-runs` timings)
 gives `offline_output_tok_s`, and one request through it alone the engine's decode step
-(`engine_decode_step_s`), the floor of one stream's ITL. The offline runs come first, in this process; then `raylm serve` starts.
+(`engine_decode_step_s`), the floor of one stream's ITL. The offline runs come first, in a child
+process; then `raylm serve` starts.
 
     python bench/serve.py --start                                        # CPU, embedded model
     python bench/serve.py --start --model llama-3.2-1b --load-format dummy --num-gpus 1 \\
