@@ -507,7 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": len(PROMPTS), "prompt_kinds": list(KINDS), "device": device,
         "offline_output_tok_s": offline["output_tokens_per_s"], "offline": offline,
         "engine_decode_step_s": offline["engine_decode_step_s"],
-        "levels": levels, "direct_levels": direct_levels, "handle_stream_levels": handle_levels, "handle_submit_levels": submit_levels,
+        "levels": levels, "direct_levels": direct_levels,
+        "handle_stream_levels": handle_levels, "handle_submit_levels": submit_levels,
         "started_server": bool(server), "serve_args": serve_args(args) if server else None,
         "machine": info, "versions": versions(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -97,7 +97,8 @@ def build_app_args(ns: argparse.Namespace) -> dict[str, Any]:
     """The `cluster.app:build_app` args the command line names (unset flags are left out)."""
     args: dict[str, Any] = {}
     for flag, key in (("model", "model"), ("num_replicas", "num_replicas"), ("num_routers", "num_routers"),
-                      ("direct_port", "direct_port"), ("api_key", "api_key"), ("route_prefix", "route_prefix"), ("name", "name")):
+                      ("direct_port", "direct_port"), ("api_key", "api_key"), ("route_prefix", "route_prefix"),
+                      ("name", "name")):
         if getattr(ns, flag) is not None:
             args[key] = getattr(ns, flag)
     if ns.engine:
