@@ -133,8 +133,9 @@ class Replica:
         """Stream GenerateChunks (call with handle.options(stream=True)).
 
         A bad prompt gives one chunk with `error` set; the replica is unharmed and no request
-        is started. Then `accepted`, then the engine's deltas: at most one chunk per engine step,
-        fewer while many streams are open (StreamBatching). Cancelling the call (client gone)
+        is started. Else the first chunk is `accepted` and carries the first output (one message
+        fewer per request); then the engine's deltas: at most one chunk per engine step, fewer
+        while many streams are open (StreamBatching). Cancelling the call (client gone)
         aborts the request in the engine. A request with a `continuation` resumes a completion
         another replica started (see replicas.protocol.Continuation).
         """
@@ -151,12 +152,12 @@ class Replica:
             yield GenerateChunk(request_id=rid, error=str(e), finished=True, replica_id=self.replica_id)
             return
         if cont is not None:
-            yield GenerateChunk(request_id=rid, accepted=True, replica_id=self.replica_id)
+            first = GenerateChunk(request_id=rid, accepted=True, replica_id=self.replica_id)
             if held_text:
-                yield GenerateChunk(request_id=rid, replica_id=self.replica_id, deltas=[CompletionDelta(
-                    cont.index, held_text, [], [] if params.logprobs is not None else None)])
+                first.deltas.append(CompletionDelta(cont.index, held_text, [],
+                                                    [] if params.logprobs is not None else None))
         else:
-            yield self._accepted(request, prompt, prompt_embeds)
+            first = self._accepted(request, prompt, prompt_embeds)
         index, resumed = (None, 0) if cont is None else (cont.index, len(cont.token_ids))
         try:
             # aclosing: however this generator ends, the engine request is finished or aborted.
@@ -165,9 +166,15 @@ class Replica:
                 async for batch in batches:
                     chunk = chunk_of(batch, self.replica_id, index)
                     chunk.num_prompt_tokens -= resumed  # the client's prompt, without the resumed tokens
+                    if first is not None:  # the first tokens ride with `accepted`: one message fewer
+                        first.extend(chunk)
+                        chunk, first = first, None
                     yield chunk
         except ValueError as e:  # validation the engine does only when adding
             yield GenerateChunk(request_id=rid, error=str(e), finished=True, replica_id=self.replica_id)
+            return
+        if first is not None:  # the stream ended before any output
+            yield first
 
     def _interval(self) -> float:
         return self.stream_batching.interval_s(self.async_engine.num_streams)

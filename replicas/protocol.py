@@ -71,9 +71,10 @@ class CompletionDelta:
 class GenerateChunk:
     """One message of a request's stream: the new text/tokens of each of its n completions.
 
-    The first chunk of every request is either `accepted` (the prompt passed validation, no
-    tokens yet) or carries `error` (a client error: the request was never started). Later chunks
-    each hold what the engine made since the previous one: one step, or several folded together.
+    The first chunk of every request is either `accepted` (the prompt passed validation; it
+    carries the first output too, when there is one) or carries `error` (a client error: the
+    request was never started). Later chunks each hold what the engine made since the previous
+    one: one step, or several folded together.
     """
 
     request_id: str

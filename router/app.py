@@ -259,7 +259,7 @@ class Router:
                     c.echo_prefix, c.offset = chunk.prompt_text, len(chunk.prompt_text)
             for c in job.choices:
                 c.echo_tokens = chunk.prompt_tokens
-            if not chunk.accepted:
+            if not chunk.accepted or chunk.deltas or chunk.finished:  # the first output may ride along
                 job.pending.append(chunk)
 
         results = await asyncio.gather(*(first(j) for j in jobs), return_exceptions=True)

@@ -347,10 +347,11 @@ async def stream_prompt(handle, request: GenerateRequest, embeds_ref=None, *, ma
                         on_retry=None):
     """Yield the GenerateChunks of one prompt from a replica chosen by PrefixAffinityRouter.
 
-    The consumer sees one `accepted` chunk (or an `error` chunk), then each token once. If the
-    replica is lost, the prompt goes to another: from the start while nothing was generated, else
-    each unfinished completion resumes after what was sent (replicas.protocol.Continuation), so
-    the stream goes on with no token repeated or missing. Raises APIError 429 when every replica
+    The consumer sees one `accepted` chunk (or an `error` chunk) first, and each token once (the
+    accepted chunk may carry the first ones). If the replica is lost, the prompt goes to another:
+    from the start while nothing was generated, else each unfinished completion resumes after
+    what was sent (replicas.protocol.Continuation), so the stream goes on with no token repeated
+    or missing. Raises APIError 429 when every replica
     and the handle's queue are full, 503 when no replica is alive (or `max_attempts` were lost).
     """
     sent = _Sent.of(request.continuation)
@@ -372,11 +373,13 @@ async def stream_prompt(handle, request: GenerateRequest, embeds_ref=None, *, ma
             chunks = gen.__aiter__()
             chunk = await _first(chunks, handle)
             while True:
-                if not chunk.accepted:
+                if chunk.accepted and accepted:  # a retry's: its output goes on, its flag does not
+                    chunk.accepted = False
+                    if not (chunk.deltas or chunk.finished):
+                        chunk = None
+                if chunk is not None:
+                    accepted |= chunk.accepted
                     sent.record(chunk)
-                    yield chunk
-                elif not accepted:
-                    accepted = True
                     yield chunk
                 try:
                     chunk = await chunks.__anext__()
@@ -414,8 +417,10 @@ async def _resume_each(handle, request: GenerateRequest, embeds_ref, sent: _Sent
                for i in range(request.params.n) if i not in sent.finished]
     left = len(streams)
     async for chunk in _merged(streams):
-        if chunk.accepted:
-            continue
+        if chunk.accepted:  # the request was accepted long ago; only the output goes on
+            chunk.accepted = False
+            if not (chunk.deltas or chunk.finished):
+                continue
         left -= chunk.finished
         chunk.finished = left == 0
         yield chunk

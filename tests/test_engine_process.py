@@ -138,6 +138,8 @@ def test_replica_runs_its_engine_in_a_child_and_fails_cleanly_when_the_child_die
         chunks = run(generate("r1", 6))
         assert chunks[0].accepted and chunks[-1].finished
         assert sum(len(d.token_ids) for c in chunks for d in c.deltas) == 6
+        # The first token rides with `accepted`: at most one message per step, none for acceptance.
+        assert chunks[0].deltas[0].token_ids and len(chunks) <= 6
 
         async def killed_mid_stream():
             request = GenerateRequest(request_id="r2", prompt="Count:",
