@@ -1,6 +1,7 @@
 """All-reduce latency of a tensor-parallel group's two paths on the GPUs of one host: NCCL and the
 one-shot peer-memory kernel (replicas.parallel.p2p_allreduce), each timed as a CUDA graph of
-`--calls` back-to-back all-reduces (how a decode step runs them), after checking they sum alike.
+`--calls` back-to-back all-reduces (how a decode step runs them), after checking they sum alike;
+and the peer all-reduce followed by the add + RMSNorm kernel beside the one kernel doing both.
 
     python bench/allreduce_latency.py --world 2 --rows 1 8 64 256 --hidden 4096
 """
@@ -22,9 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import device_name, slug  # noqa: E402
 from replicas.parallel.group import CommGroup, Rendezvous  # noqa: E402
+from replicas.models.fused_norm import add_rmsnorm  # noqa: E402
 from replicas.parallel.p2p_allreduce import P2PAllReduce  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+EPS = 1e-5
 
 
 def _captured(fn, t: torch.Tensor, calls: int) -> torch.cuda.CUDAGraph:
@@ -65,11 +68,31 @@ def _graph_us_per_call(fn, t: torch.Tensor, calls: int, replays: int) -> float:
     return (time.perf_counter() - start) / (replays * calls) * 1e6
 
 
+def _fused_like_split(group: CommGroup, peer: P2PAllReduce, x: torch.Tensor, residual: torch.Tensor,
+                      weight: torch.Tensor) -> bool:
+    """The fused all-reduce + add + RMSNorm equals NCCL's sum followed by the add + RMSNorm kernel
+    (output and updated residual), eagerly and replayed in a graph."""
+    summed, want_residual = x.clone(), residual.clone()
+    group.pg.allreduce(summed).wait()
+    want_out, _ = add_rmsnorm(summed, weight, EPS, want_residual)
+    out, got_residual = peer.all_reduce_add_rmsnorm(x.clone(), residual.clone(), weight, EPS)
+    alike = bool(torch.equal(out, want_out) and torch.equal(got_residual, want_residual))
+    static_x, static_res, static_out = x.clone(), residual.clone(), torch.empty_like(x)
+    graph = _captured(lambda t: static_out.copy_(peer.all_reduce_add_rmsnorm(t, static_res, weight, EPS)[0]),
+                      static_x, 1)
+    for _ in range(3):
+        static_res.copy_(residual)
+        graph.replay()
+        torch.cuda.synchronize()
+        alike = alike and bool(torch.equal(static_out, want_out) and torch.equal(static_res, want_residual))
+    return alike
+
+
 def _rank(rank: int, rdv: Rendezvous, args, queue) -> None:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
     group = CommGroup(rdv, rank, "127.0.0.1", device)
-    peer = P2PAllReduce(group)
+    peer = P2PAllReduce(group, max_bytes=max(args.rows) * args.hidden * 2)  # every size timed here
     rows_out = []
     for rows in args.rows:
         gen = torch.Generator(device=device).manual_seed(rank * 1000 + rows)
@@ -82,11 +105,22 @@ def _rank(rank: int, rdv: Rendezvous, args, queue) -> None:
         graph_equal = _graph_sums_alike(peer, x, a)
         nccl_us = _graph_us_per_call(lambda t: group.pg.allreduce(t).wait(), x.clone(), args.calls, args.replays)
         peer_us = _graph_us_per_call(peer.all_reduce, x.clone(), args.calls, args.replays)
+        # The same on every rank, as a layer's residual stream and norm weight are.
+        same = torch.Generator(device=device).manual_seed(rows)
+        residual = torch.randn((rows, args.hidden), generator=same, device=device).to(torch.bfloat16)
+        weight = (1 + 0.1 * torch.randn(args.hidden, generator=same, device=device)).to(torch.bfloat16)
+        fused_equal = _fused_like_split(group, peer, x, residual, weight)
+        res = residual.clone()
+        split_us = _graph_us_per_call(lambda t: (peer.all_reduce(t), add_rmsnorm(t, weight, EPS, res)), x.clone(),
+                                      args.calls, args.replays)
+        fused_us = _graph_us_per_call(lambda t: peer.all_reduce_add_rmsnorm(t, res, weight, EPS), x.clone(),
+                                      args.calls, args.replays)
         if peer.gave_up:
             raise RuntimeError("a peer all-reduce wait gave up")
         rows_out.append({"rows": rows, "bytes": x.numel() * 2, "equal_to_nccl": equal,
-                         "graph_equal_to_nccl": graph_equal,
-                         "nccl_us": nccl_us, "peer_us": peer_us})
+                         "graph_equal_to_nccl": graph_equal, "fused_norm_equal_to_split": fused_equal,
+                         "nccl_us": nccl_us, "peer_us": peer_us, "peer_then_norm_us": split_us,
+                         "fused_peer_norm_us": fused_us})
     if rank == 0:
         queue.put(rows_out)
 
@@ -122,10 +156,12 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"all-reduce, {args.world} x {result['device']}, bf16, per call inside a graph of {args.calls}:")
-    print(f"{'rows':>6} {'bytes':>9} {'NCCL us':>9} {'peer us':>9} {'equal':>6} {'in graph':>9}")
+    print(f"{'rows':>6} {'bytes':>9} {'NCCL us':>9} {'peer us':>9} {'equal':>6} {'in graph':>9} "
+          f"{'peer+norm':>10} {'fused':>7} {'equal':>6}")
     for r in rows:
         print(f"{r['rows']:>6} {r['bytes']:>9} {r['nccl_us']:>9.2f} {r['peer_us']:>9.2f} "
-              f"{str(r['equal_to_nccl']):>6} {str(r['graph_equal_to_nccl']):>9}")
+              f"{str(r['equal_to_nccl']):>6} {str(r['graph_equal_to_nccl']):>9} {r['peer_then_norm_us']:>10.2f} "
+              f"{r['fused_peer_norm_us']:>7.2f} {str(r['fused_norm_equal_to_split']):>6}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,16 @@ def _fused_add_rmsnorm():
     return add_rmsnorm
 
 
+@functools.cache
+def _pointwise_kernels():
+    """replicas.models.fused_pointwise (rope, silu_mul), or None where triton is missing."""
+    try:
+        from replicas.models import fused_pointwise
+    except ImportError:
+        return None
+    return fused_pointwise
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float):
         super().__init__()
@@ -63,9 +73,16 @@ class RMSNorm(nn.Module):
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None,
+                 group=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(rmsnorm(x + residual), x + residual); residual None: (rmsnorm(x), x). On CUDA one fused
-        kernel that may update `residual` in place."""
+        kernel that may update `residual` in place. group: x is this rank's partial sum, summed over
+        the group first (with the add and norm in the same kernel on the peer-memory path)."""
+        if group is not None:
+            reduced = group.fused_all_reduce_add_rmsnorm(x, residual, self.weight, self.eps)
+            if reduced is not None:
+                return reduced
+            group.all_reduce(x)
         fused = _fused_add_rmsnorm() if x.is_cuda else None
         if fused is not None:
             return fused(x, self.weight, self.eps, residual)
@@ -74,11 +91,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """cfg: the heads this rank holds; group: tensor parallel's collectives (None on one device)."""
+    """cfg: the heads this rank holds."""
 
-    def __init__(self, cfg: ModelConfig, group=None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.group = group
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
@@ -95,45 +111,52 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
         # Queries and keys rotate together: one pass over [T, H + Hkv, D].
-        qk = apply_rope(qk, cos, sin)
+        kernels = _pointwise_kernels() if qk.is_cuda else None
+        qk = kernels.rope(qk, cos, sin) if kernels is not None else apply_rope(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.window)
-        out = linear(out.reshape(-1, self.q_size), self.o_proj)
-        if self.group is not None:  # row-parallel: each rank's heads give a partial sum
-            self.group.all_reduce(out)
-        return out
+        # Row-parallel under tensor parallel: each rank's heads give a partial sum, summed by the
+        # norm that follows (DecoderLayer).
+        return linear(out.reshape(-1, self.q_size), self.o_proj)
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, group=None):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.group = group
         self.intermediate = cfg.intermediate_size
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = linear(x, self.gate_up_proj).split(self.intermediate, dim=-1)
-        out = linear(F.silu(gate) * up, self.down_proj)
-        if self.group is not None:
-            self.group.all_reduce(out)
-        return out
+        gate_up = linear(x, self.gate_up_proj)
+        kernels = _pointwise_kernels() if gate_up.is_cuda else None
+        if kernels is not None:
+            act = kernels.silu_mul(gate_up)
+        else:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            act = F.silu(gate) * up
+        return linear(act, self.down_proj)  # a partial sum under tensor parallel, like o_proj's
 
 
 class DecoderLayer(nn.Module):
+    """group: tensor parallel's collectives (None on one device). The attention and MLP outputs
+    are then each rank's partial sums; the norm after each sums them over the ranks."""
+
     def __init__(self, cfg: ModelConfig, group=None):
         super().__init__()
-        self.self_attn = Attention(cfg, group)
-        self.mlp = MLP(cfg, group)
+        self.group = group
+        self.self_attn = Attention(cfg)
+        self.mlp = MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, residual, cos, sin, kv_cache, meta, backend):
-        """x: the previous layer's output (the embeddings for the first); residual: the stream before it."""
-        h, residual = self.input_layernorm.add_norm(x, residual)
+        """x: the previous layer's output, a partial sum under tensor parallel (the first layer's: the
+        embeddings, whole, with residual None); residual: the stream before it."""
+        h, residual = self.input_layernorm.add_norm(x, residual, self.group if residual is not None else None)
         h = self.self_attn(h, cos, sin, kv_cache, meta, backend)
-        h, residual = self.post_attention_layernorm.add_norm(h, residual)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual, self.group)
         return self.mlp(h), residual
 
 
@@ -198,7 +221,8 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, residual = layer(x, residual, cos, sin, kv_cache, meta, backend)
-        return self.norm.add_norm(x, residual)[0]
+        group = self.shard.group if self.shard is not None else None
+        return self.norm.add_norm(x, residual, group if residual is not None else None)[0]
 
     def compute_logits(self, hidden: torch.Tensor, float32: bool = True) -> torch.Tensor:
         head = self.lm_head if self.lm_head is not None else self.embed_tokens

@@ -12,8 +12,13 @@ correctly) and the buffer alternates between two halves by the count's parity: a
 most one call ahead of another (it needs the other's flag to finish a call), so the half it writes
 is never one a peer is still reading.
 
-Inputs larger than the buffer take NCCL (prefill chunks); the choice depends on the size alone, so
-all ranks choose alike. A wait for a rank that died must not hang the GPU (no NCCL abort reaches
+`all_reduce_add_rmsnorm` does the same exchange one row per program and then, on the sum, the
+residual add and RMSNorm that follow each of a layer's all-reduces (replicas.models.fused_norm's
+arithmetic): one kernel where there were two.
+
+Inputs larger than the buffer take NCCL (larger decode batches, prefill chunks: see
+replicas.parallel.group.PEER_MAX_BYTES); the choice depends on the size alone, so all ranks choose
+alike. A wait for a rank that died must not hang the GPU (no NCCL abort reaches
 this kernel): the waits read a stop flag in pinned host memory, which abort() sets, and give up on
 their own after a bound, leaving a flag the host reads (gave_up).
 """
@@ -28,7 +33,7 @@ from torch.multiprocessing.reductions import reduce_tensor
 
 MAX_BLOCKS = 1024
 BLOCK = 1024  # elements per program
-DEFAULT_MAX_BYTES = 2 * 1024**2  # a 256-row decode batch of hidden size 4096 in bf16
+DEFAULT_MAX_BYTES = 64 * 1024  # an 8-row decode batch of hidden size 4096 in bf16 (see replicas.parallel.group)
 POLL_HOST_AFTER_NS = 200_000  # a wait this long starts reading the host's stop flag
 WAIT_LIMIT_NS = 60 * 10**9  # longer than ranks drift apart at start-up (Triton compiles, graph captures)
 
@@ -39,25 +44,22 @@ def _now_ns():
 
 
 @triton.jit
-def _one_shot_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
-                     MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr,
-                     POLL_HOST_AFTER: tl.constexpr):
-    """ptrs: the addresses of every rank's data buffer, then of every rank's signals, then of this
+def _exchange(x, offs, mask, pid, epoch, ptrs, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+              MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr,
+              POLL_HOST_AFTER: tl.constexpr):
+    """Program `pid`'s part of one call: push x (this rank's values at `offs` of the slot) to every
+    rank, signal, wait for every rank's signal, and return the sum in rank order (float32).
+    ptrs: the addresses of every rank's data buffer, then of every rank's signals, then of this
     rank's status in pinned host memory ([0]: the host asks to stop waiting, [1]: a wait gave up)."""
-    pid = tl.program_id(0)
-    epoch = tl.load(counters + pid) + 1
     half = (epoch % 2).to(tl.int64)
-    offs = pid * BLOCK_ + tl.arange(0, BLOCK_)
-    mask = offs < n
-    x = tl.load(inp + offs, mask=mask)
     for p in tl.static_range(WORLD):
-        peer = tl.load(ptrs + p).to(tl.pointer_type(inp.dtype.element_ty))
+        peer = tl.load(ptrs + p).to(tl.pointer_type(x.dtype))
         tl.store(peer + (half * WORLD + RANK) * slot_elems + offs, x, mask=mask)
     tl.debug_barrier()  # every thread's stores come before the flags
     for p in tl.static_range(WORLD):
         peer_signal = tl.load(ptrs + WORLD + p).to(tl.pointer_type(tl.int32))
         tl.atomic_xchg(peer_signal + RANK * MAX_BLOCKS_ + pid, epoch, sem="release", scope="sys")
-    own_data = tl.load(ptrs + RANK).to(tl.pointer_type(inp.dtype.element_ty))
+    own_data = tl.load(ptrs + RANK).to(tl.pointer_type(x.dtype))
     own_signal = tl.load(ptrs + WORLD + RANK).to(tl.pointer_type(tl.int32))
     status = tl.load(ptrs + 2 * WORLD).to(tl.pointer_type(tl.int32))
     for p in tl.static_range(WORLD):
@@ -83,8 +85,48 @@ def _one_shot_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr
     acc = tl.zeros([BLOCK_], dtype=tl.float32)
     for p in tl.static_range(WORLD):
         acc += tl.load(own_data + (half * WORLD + p) * slot_elems + offs, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def _one_shot_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+                     MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr,
+                     POLL_HOST_AFTER: tl.constexpr):
+    pid = tl.program_id(0)
+    epoch = tl.load(counters + pid) + 1
+    offs = pid * BLOCK_ + tl.arange(0, BLOCK_)
+    mask = offs < n
+    x = tl.load(inp + offs, mask=mask)
+    acc = _exchange(x, offs, mask, pid, epoch, ptrs, slot_elems, RANK, WORLD, MAX_BLOCKS_, BLOCK_, WAIT_LIMIT,
+                    POLL_HOST_AFTER)
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
     tl.store(counters + pid, epoch)
+
+
+@triton.jit
+def _one_shot_add_rmsnorm_kernel(inp, residual, weight, out, hidden, eps, ptrs, counters, slot_elems,
+                                 RANK: tl.constexpr, WORLD: tl.constexpr, MAX_BLOCKS_: tl.constexpr,
+                                 BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr):
+    """One program per row: the row's all-reduce, then replicas.models.fused_norm's add + RMSNorm
+    on the sum, in the same arithmetic (the sum rounded to the model dtype first, as the
+    all-reduce's output would be)."""
+    row = tl.program_id(0)
+    epoch = tl.load(counters + row) + 1
+    cols = tl.arange(0, BLOCK_)
+    mask = cols < hidden
+    offs = row.to(tl.int64) * hidden + cols
+    x = tl.load(inp + offs, mask=mask)
+    acc = _exchange(x, offs, mask, row, epoch, ptrs, slot_elems, RANK, WORLD, MAX_BLOCKS_, BLOCK_, WAIT_LIMIT,
+                    POLL_HOST_AFTER)
+    r = tl.load(residual + offs, mask=mask, other=0.0)
+    total = (acc.to(r.dtype).to(tl.float32) + r.to(tl.float32)).to(r.dtype)
+    tl.store(residual + offs, total, mask=mask)
+    tf = total.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(tf * tf, axis=0) / hidden + eps)
+    w = tl.load(weight + cols, mask=mask, other=0.0)
+    y = (tf * inv).to(total.dtype) * w
+    tl.store(out + offs, y.to(out.dtype.element_ty), mask=mask)
+    tl.store(counters + row, epoch)
 
 
 def _open_on(device_index: int, shared) -> torch.Tensor:
@@ -99,15 +141,24 @@ def _open_on(device_index: int, shared) -> torch.Tensor:
 
 class P2PAllReduce:
     """Built collectively by every rank of `group` (a CommGroup on CUDA devices of one node that can
-    reach each other's memory); `all_reduce(t)` sums in place and must be called by all ranks alike."""
+    reach each other's memory); `all_reduce(t)` sums in place and `all_reduce_add_rmsnorm` sums and
+    normalizes; every rank must make the same calls in the same order."""
+
+    # Two channels, each with its own buffers, signals and counters: the plain kernel's programs
+    # cover fixed element blocks, the fused one's whole rows, so one channel's parity argument (a
+    # program's region is rewritten only after every rank has read its previous call) would not
+    # hold across the two kernels.
+    PLAIN, FUSED = 0, 1
 
     def __init__(self, group, max_bytes: int = DEFAULT_MAX_BYTES):
         self.rank, self.world, self.device = group.rank, group.size, group.device
         self.max_bytes = max_bytes
-        # [2 halves][world slots][max_bytes] on this rank; peers write their slots here.
-        self.data = torch.zeros(2 * self.world * max_bytes, dtype=torch.uint8, device=self.device)
-        self.signals = torch.zeros(self.world * MAX_BLOCKS, dtype=torch.int32, device=self.device)
-        self.counters = torch.zeros(MAX_BLOCKS, dtype=torch.int32, device=self.device)
+        channel_bytes = 2 * self.world * max_bytes  # [2 halves][world slots][max_bytes]
+        channel_signals = self.world * MAX_BLOCKS
+        # [2 channels] of the above on this rank; peers write their slots here.
+        self.data = torch.zeros(2 * channel_bytes, dtype=torch.uint8, device=self.device)
+        self.signals = torch.zeros(2 * channel_signals, dtype=torch.int32, device=self.device)
+        self.counters = torch.zeros(2, MAX_BLOCKS, dtype=torch.int32, device=self.device)
         # [0]: set by abort() to end every wait; [1]: set by a wait that gave up. Pinned host memory,
         # which the kernel reads and writes directly: a spinning kernel cannot be stopped otherwise.
         self.status = torch.zeros(2, dtype=torch.int32, pin_memory=True)
@@ -124,8 +175,11 @@ class P2PAllReduce:
                 self._peer_buffers += [data, signals]
             data_ptrs.append(data.data_ptr())
             signal_ptrs.append(signals.data_ptr())
-        self.ptrs = torch.tensor(data_ptrs + signal_ptrs + [self.status.data_ptr()], dtype=torch.int64,
-                                 device=self.device)
+        # Per channel: every rank's data, every rank's signals, this rank's status.
+        self.ptrs = torch.tensor(
+            [[d + c * channel_bytes for d in data_ptrs] + [s + c * channel_signals * 4 for s in signal_ptrs]
+             + [self.status.data_ptr()] for c in (self.PLAIN, self.FUSED)], dtype=torch.int64, device=self.device)
+        self._channels = tuple(zip(self.ptrs, self.counters))  # (ptrs, counters) views, made once
         group.all_reduce(torch.zeros(1, device=self.device))  # no rank returns before all have mapped
 
     def fits(self, t: torch.Tensor) -> bool:
@@ -135,11 +189,31 @@ class P2PAllReduce:
 
     def all_reduce(self, t: torch.Tensor) -> None:
         n = t.numel()
-        slot_elems = self.max_bytes // t.element_size()
+        ptrs, counters = self._channels[self.PLAIN]
         _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
-            t, t, n, self.ptrs, self.counters, slot_elems, RANK=self.rank, WORLD=self.world,
+            t, t, n, ptrs, counters, self.max_bytes // t.element_size(), RANK=self.rank, WORLD=self.world,
             MAX_BLOCKS_=MAX_BLOCKS, BLOCK_=BLOCK, WAIT_LIMIT=WAIT_LIMIT_NS, POLL_HOST_AFTER=POLL_HOST_AFTER_NS,
             num_warps=4)
+
+    def fits_rows(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
+        """all_reduce_add_rmsnorm takes x: [rows, hidden] rows up to the buffer and block counts."""
+        return (x.dim() == 2 and x.shape[0] <= MAX_BLOCKS and x.shape[1] <= 8192 and self.fits(x)
+                and residual.is_contiguous() and residual.shape == x.shape and residual.dtype == x.dtype)
+
+    def all_reduce_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                               eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rmsnorm(sum(x) + residual), sum(x) + residual), with residual updated in place: the
+        all-reduce of a layer's partial output and the add + norm after it, in one kernel."""
+        rows, hidden = x.shape
+        out = torch.empty_like(x)
+        block = triton.next_power_of_2(hidden)
+        ptrs, counters = self._channels[self.FUSED]
+        _one_shot_add_rmsnorm_kernel[(rows,)](
+            x, residual, weight, out, hidden, eps, ptrs, counters,
+            self.max_bytes // x.element_size(), RANK=self.rank, WORLD=self.world, MAX_BLOCKS_=MAX_BLOCKS,
+            BLOCK_=block, WAIT_LIMIT=WAIT_LIMIT_NS, POLL_HOST_AFTER=POLL_HOST_AFTER_NS,
+            num_warps=8 if block >= 4096 else 4)
+        return out, residual
 
     def abort(self) -> None:
         """Every wait, running or to come, ends at once (a rank died: its flags will never come)."""
