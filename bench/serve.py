@@ -8,8 +8,11 @@ Then the same requests through the Python handles (`cluster.connect()`): `Client
 (threads, one per concurrent stream) and `ray.get(client.submit(...))`. The same workload through
 the offline engine (`LLM.generate`, every request at once; the median of `--offline-runs` timings)
 gives `offline_output_tok_s`, and one request through it alone the engine's decode step
-(`engine_decode_step_s`), the floor of one stream's ITL. The offline runs come first, in a child
-process; then `raylm serve` starts.
+(`engine_decode_step_s`), the floor of one stream's ITL. Each HTTP level also reports the served
+engine's mean step (`served_engine_step_s`, from the replicas' step counters in /metrics): on a
+machine whose cores the serving processes share, the engine's step while serving is slower than
+offline, and ITL minus this step is what the serving path adds. The offline runs come first, in a
+child process; then `raylm serve` starts.
 
     python bench/serve.py --start                                        # CPU, embedded model
     python bench/serve.py --start --model llama-3.2-1b --load-format dummy --num-gpus 1 \\
@@ -394,11 +397,13 @@ def fmt_ms(x: float | None) -> str:
 
 
 def print_table(title: str, levels: list[dict]) -> None:
-    print(f"{title}\n{'conc':>4} {'ok':>9} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7}   (ms)")
+    print(f"{title}\n{'conc':>4} {'ok':>9} {'tok/s':>8} {'TTFT p50':>9} {'p99':>7} {'ITL p50':>8} {'p99':>7} "
+          f"{'step':>7}   (ms; step: the served engine's mean step)")
     for lv in levels:
-        t, i = lv["ttft_s"], lv["itl_s"]
+        t, i, step = lv["ttft_s"], lv["itl_s"], lv.get("served_engine_step_s")
         print(f"{lv['concurrency']:>4} {lv['ok']:>4}/{lv['requests']:<4} {lv['output_tokens_per_s']:>8.1f} "
-              f"{fmt_ms(t['p50']):>9} {fmt_ms(t['p99']):>7} {fmt_ms(i['p50']):>8} {fmt_ms(i['p99']):>7}")
+              f"{fmt_ms(t['p50']):>9} {fmt_ms(t['p99']):>7} {fmt_ms(i['p50']):>8} {fmt_ms(i['p99']):>7} "
+              f"{fmt_ms(step) if step else '-':>7}")
         for err in lv["errors"]:
             print(f"     error: {err}")
         cpu = lv.get("process_cpu")
@@ -413,6 +418,34 @@ async def server_model(url: str, headers: dict) -> str:
         async with session.get(f"{url}/models", headers=headers) as resp:
             resp.raise_for_status()
             return (await resp.json())["data"][0]["id"]
+
+
+STATS_LAG_S = 2.5  # Serve's routing-stats poll (the app's default 2 s), which carries the step counters
+
+
+async def engine_step_totals(url: str, headers: dict) -> tuple[float, float]:
+    """(steps, seconds) the replicas' engines have run, summed, from /metrics."""
+    base = url.removesuffix("/v1")
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        async with session.get(f"{base}/metrics", headers=headers) as resp:
+            text = await resp.text()
+    total = {"steps": 0.0, "step_seconds": 0.0}
+    for name in total:
+        for m in re.finditer(rf"^raylm_replica_engine_{name}_total\{{[^}}]*\}} ([0-9.e+-]+)$", text, re.M):
+            total[name] += float(m.group(1))
+    return total["steps"], total["step_seconds"]
+
+
+def with_served_step(url: str, headers: dict, run_level) -> dict:
+    """run_level()'s result with `served_engine_step_s`: the mean wall time of the engine steps the
+    level made the replicas run (the step as it runs while serving, beside the offline one)."""
+    time.sleep(STATS_LAG_S)
+    steps0, seconds0 = asyncio.run(engine_step_totals(url, headers))
+    level = run_level()
+    time.sleep(STATS_LAG_S)
+    steps1, seconds1 = asyncio.run(engine_step_totals(url, headers))
+    level["served_engine_step_s"] = (seconds1 - seconds0) / (steps1 - steps0) if steps1 > steps0 else None
+    return level
 
 
 def count(args, c: int) -> int:
@@ -463,12 +496,14 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"warm-up requests failed: {warm['errors']}")
         for c in args.concurrency:
             with ProcessCPU(server.proc.pid if server else None) as cpu:
-                levels.append(asyncio.run(http_level(url, bodies, c, count(args, c), headers)))
+                levels.append(with_served_step(url, headers, lambda: asyncio.run(
+                    http_level(url, bodies, c, count(args, c), headers))))
             levels[-1]["process_cpu"] = cpu.report(levels[-1]["output_tokens"])
             print(f"HTTP concurrency {c}: {levels[-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
         for c in args.concurrency if server and server.direct_url else []:
             with ProcessCPU(server.proc.pid) as cpu:
-                direct_levels.append(asyncio.run(http_level(server.direct_url, bodies, c, count(args, c), headers)))
+                direct_levels.append(with_served_step(server.direct_url, headers, lambda: asyncio.run(
+                    http_level(server.direct_url, bodies, c, count(args, c), headers))))
             direct_levels[-1]["process_cpu"] = cpu.report(direct_levels[-1]["output_tokens"])
             print(f"HTTP direct concurrency {c}: {direct_levels[-1]['output_tokens_per_s']:.1f} tok/s", flush=True)
         if not args.no_handles:

@@ -24,6 +24,8 @@ import threading
 import time
 from typing import AsyncIterator, Callable
 
+import torch
+
 from replicas.detokenizer import StreamText
 from replicas.outputs import RequestOutput
 from replicas.sampling_params import SamplingParams
@@ -92,11 +94,16 @@ class AsyncEngine:
         self._early_aborts: dict[str, float] = {}  # request id -> expiry (time.monotonic)
         self.num_requests = 0  # requests started
         self.num_aborted = 0  # requests whose consumer left before they finished
+        self._num_threads = torch.get_num_threads()  # the count set where the engine was built
         self._thread = threading.Thread(target=self._run, name="raylm-engine-loop", daemon=True)
         self._thread.start()
 
     # -- engine thread ------------------------------------------------------------------------
     def _run(self) -> None:
+        # OpenMP's thread count is per thread: torch.set_num_threads where the engine was built does
+        # not reach this thread, which would start from OMP_NUM_THREADS (Ray sets it to an actor's
+        # CPU share, often 1): a CPU replica's forward ran on one core of two.
+        torch.set_num_threads(self._num_threads)
         reason = "engine shut down"
         try:
             while not self._stop.is_set():

@@ -101,8 +101,11 @@ class Replica:
         # Debug hook for failure tests and soaks: lets `inject_fault` stop this engine's loop.
         self._fault_injection = bool(kwargs.pop("fault_injection", False))
         use_process = kwargs.pop("engine_process", None)
-        if use_process is None:  # default: on GPUs, where the step's host work would wait for the GIL
-            use_process = device.startswith("cuda") and int(kwargs.get("tensor_parallel_size") or 1) == 1
+        if use_process is None:
+            # In the replica's process the engine's step waits for the GIL behind Serve's and Ray's
+            # threads (on the 2-core CPU box one stream's step took 121-158 ms there, 79-90 ms in
+            # the child, 65 ms offline). Tensor-parallel rank 0 stays here: it drives Ray workers.
+            use_process = int(kwargs.get("tensor_parallel_size") or 1) == 1
         if use_process:
             self.engine = EngineProcess(model, dict(kwargs, device=device, num_threads=threads))
         else:
@@ -238,7 +241,8 @@ class Replica:
             replica_id=self.replica_id, alive=self.async_engine.is_alive(), num_waiting=load.num_waiting,
             num_running=load.num_running, num_free_blocks=load.num_free_blocks,
             num_total_blocks=load.num_total_blocks, num_streams=self.async_engine.num_streams,
-            num_requests=self.async_engine.num_requests, num_aborted=self.async_engine.num_aborted)
+            num_requests=self.async_engine.num_requests, num_aborted=self.async_engine.num_aborted,
+            num_steps=load.num_steps, step_seconds=load.step_seconds)
 
     def record_routing_stats(self) -> dict:
         # Serve polls this and hands the dict to router.routing.PrefixAffinityRouter (and /metrics),

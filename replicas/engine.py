@@ -30,6 +30,8 @@ class EngineLoad:
     num_running: int
     num_free_blocks: int
     num_total_blocks: int
+    num_steps: int = 0  # engine steps run so far
+    step_seconds: float = 0.0  # their wall time, summed (a step also waits for the one before it)
 
 
 @dataclass
@@ -98,6 +100,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max(cfg.max_num_batched_tokens, 1), cfg.max_num_seqs)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending_ids: set[str] = set()
+        self._num_steps, self._step_seconds = 0, 0.0
         self._ids_lock = threading.Lock()
         self._requests: dict[str, Request] = {}
         self._inflight: LaunchedStep | None = None  # launched, not read back yet
@@ -174,7 +177,7 @@ class LLMEngine:
 
     def get_load(self) -> EngineLoad:
         return EngineLoad(len(self.scheduler.waiting) + self._inbox.qsize(), len(self.scheduler.running),
-                          self.kv.num_free_blocks, self.kv.num_total_blocks)
+                          self.kv.num_free_blocks, self.kv.num_total_blocks, self._num_steps, self._step_seconds)
 
     # ---- one step ----------------------------------------------------------------------------
 
@@ -182,6 +185,14 @@ class LLMEngine:
         """Schedule and launch the next step, then read back the one before it: on CUDA the host
         handles step N's tokens while the GPU runs step N + 1, whose inputs for tokens not yet
         read back come straight from step N's device output."""
+        start = time.perf_counter()
+        try:
+            return self._step()
+        finally:
+            self._num_steps += 1
+            self._step_seconds += time.perf_counter() - start
+
+    def _step(self) -> list[RequestOutput]:
         changed: dict[str, Request] = {}
         self._drain_inbox(changed)
         if self._inflight is not None and self._needs_token_history():

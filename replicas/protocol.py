@@ -127,6 +127,8 @@ class LoadReport:
     num_streams: int = 0  # open generate/complete calls
     num_requests: int = 0  # requests started since the replica started
     num_aborted: int = 0  # requests whose caller left before they finished
+    num_steps: int = 0  # engine steps run since the replica started
+    step_seconds: float = 0.0  # their wall time, summed: the engine's step as it runs while serving
 
     @property
     def kv_cache_usage(self) -> float:

@@ -31,6 +31,9 @@ class _ReplicaCollector:
         kv = GaugeMetricFamily("raylm_replica_kv_cache_usage", "Fraction of a replica's KV blocks in use", labels=["replica"])
         started = CounterMetricFamily("raylm_replica_requests", "Requests a replica has started (from any router "
                                       "or client)", labels=["replica"])
+        steps = CounterMetricFamily("raylm_replica_engine_steps", "Engine steps a replica has run", labels=["replica"])
+        step_seconds = CounterMetricFamily("raylm_replica_engine_step_seconds", "Wall time of a replica's engine "
+                                           "steps, summed", labels=["replica"])
         live = GaugeMetricFamily("raylm_live_replicas", "Replicas the router can send requests to")
         stats = self._stats()
         blocks = GaugeMetricFamily("raylm_replica_kv_cache_blocks", "A replica's KV cache blocks",
@@ -42,8 +45,10 @@ class _ReplicaCollector:
             kv.add_metric([rid], s.kv_cache_usage)
             blocks.add_metric([rid, "total"], float(s.num_total_blocks))
             blocks.add_metric([rid, "free"], float(s.num_free_blocks))
+            steps.add_metric([rid], float(s.num_steps))
+            step_seconds.add_metric([rid], s.step_seconds)
         live.add_metric([], float(self._num_live()))  # what /health reports
-        yield from (running, waiting, kv, blocks, started, live)
+        yield from (running, waiting, kv, blocks, started, steps, step_seconds, live)
 
 
 def observe_many(hist: Histogram, value: float, count: int) -> None:

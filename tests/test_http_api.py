@@ -532,7 +532,8 @@ def test_metrics_endpoint(server, oa):
     deadline = time.time() + 30
     while True:  # replica gauges arrive with Serve's next routing-stats poll
         text = requests.get(f"{server.base}/metrics", timeout=30).text
-        if "raylm_replica_kv_cache_usage{" in text or time.time() > deadline:
+        steps = re.search(r'^raylm_replica_engine_steps_total\{replica="[^"]+"\} ([0-9.e+-]+)$', text, re.M)
+        if (steps and float(steps.group(1)) > 0) or time.time() > deadline:
             break
         time.sleep(0.5)
     assert value(text, r'raylm_requests_total\{status="200"\}') >= 2
@@ -543,6 +544,9 @@ def test_metrics_endpoint(server, oa):
     assert re.search(r'^raylm_replica_running_requests\{replica="[^"]+"\} ', text, re.M)
     assert re.search(r'^raylm_replica_waiting_requests\{replica="[^"]+"\} ', text, re.M)
     assert re.search(r'^raylm_replica_kv_cache_usage\{replica="[^"]+"\} ', text, re.M)
+    # The engine's steps and their summed wall time (bench/serve.py: the step as it runs while serving).
+    assert value(text, r'raylm_replica_engine_steps_total\{replica="[^"]+"\}') > 0
+    assert value(text, r'raylm_replica_engine_step_seconds_total\{replica="[^"]+"\}') > 0
     live = requests.get(f"{server.base}/health", timeout=30).json()["live_replicas"]
     assert value(text, r"raylm_live_replicas") == live >= 1  # the gauge counts what /health counts
 

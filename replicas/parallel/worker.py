@@ -57,7 +57,8 @@ class TensorParallelWorker:
         except BaseException:
             receiver.close()
             raise
-        threading.Thread(target=self._serve, args=(receiver,), name="raylm-tp-steps", daemon=True).start()
+        threading.Thread(target=self._serve, args=(receiver, torch.get_num_threads()), name="raylm-tp-steps",
+                         daemon=True).start()
 
     def _build(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: str | None, rdv: Rendezvous) -> None:
         self.device = rank_device(cfg.resolve_device())
@@ -71,8 +72,9 @@ class TensorParallelWorker:
         source = ModelSource(model_cfg.name, model_cfg.hf_config, None, state, weights)
         self.runner = ModelRunner(cfg, model_cfg, source, self.device, cfg.resolve_dtype(self.device), shard)
 
-    def _serve(self, receiver: StepReceiver) -> None:
+    def _serve(self, receiver: StepReceiver, num_threads: int) -> None:
         """Rank 0's messages, in order, until it closes the connection (or this rank fails)."""
+        torch.set_num_threads(num_threads)  # per thread (see replicas.async_engine): the count _build set
         try:
             while not self._failed.is_set():
                 msg = receiver.receive()
