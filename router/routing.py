@@ -373,10 +373,8 @@ async def stream_prompt(handle, request: GenerateRequest, embeds_ref=None, *, ma
             chunks = gen.__aiter__()
             chunk = await _first(chunks, handle)
             while True:
-                if chunk.accepted and accepted:  # a retry's: its output goes on, its flag does not
-                    chunk.accepted = False
-                    if not (chunk.deltas or chunk.finished):
-                        chunk = None
+                if accepted:  # a retry's `accepted`: its output goes on, its flag does not
+                    chunk = _output_only(chunk)
                 if chunk is not None:
                     accepted |= chunk.accepted
                     sent.record(chunk)
@@ -408,6 +406,15 @@ async def stream_prompt(handle, request: GenerateRequest, embeds_ref=None, *, ma
             forget_request(handle, request.request_id)
 
 
+def _output_only(chunk: GenerateChunk) -> GenerateChunk | None:
+    """A chunk without its `accepted` flag (the output it may carry goes on); None when an
+    accepted chunk carries nothing else."""
+    if not chunk.accepted:
+        return chunk
+    chunk.accepted = False
+    return chunk if chunk.deltas or chunk.finished else None
+
+
 async def _resume_each(handle, request: GenerateRequest, embeds_ref, sent: _Sent, max_attempts: int, on_retry):
     """n > 1: each unfinished completion resumes as its own one-completion request; their chunks
     are merged into one stream (the request is finished when every completion is)."""
@@ -417,10 +424,9 @@ async def _resume_each(handle, request: GenerateRequest, embeds_ref, sent: _Sent
                for i in range(request.params.n) if i not in sent.finished]
     left = len(streams)
     async for chunk in _merged(streams):
-        if chunk.accepted:  # the request was accepted long ago; only the output goes on
-            chunk.accepted = False
-            if not (chunk.deltas or chunk.finished):
-                continue
+        chunk = _output_only(chunk)  # the request was accepted long ago
+        if chunk is None:
+            continue
         left -= chunk.finished
         chunk.finished = left == 0
         yield chunk

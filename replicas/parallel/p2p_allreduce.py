@@ -33,7 +33,6 @@ from torch.multiprocessing.reductions import reduce_tensor
 
 MAX_BLOCKS = 1024
 BLOCK = 1024  # elements per program
-DEFAULT_MAX_BYTES = 64 * 1024  # an 8-row decode batch of hidden size 4096 in bf16 (see replicas.parallel.group)
 POLL_HOST_AFTER_NS = 200_000  # a wait this long starts reading the host's stop flag
 WAIT_LIMIT_NS = 60 * 10**9  # longer than ranks drift apart at start-up (Triton compiles, graph captures)
 
@@ -150,7 +149,7 @@ class P2PAllReduce:
     # hold across the two kernels.
     PLAIN, FUSED = 0, 1
 
-    def __init__(self, group, max_bytes: int = DEFAULT_MAX_BYTES):
+    def __init__(self, group, max_bytes: int):
         self.rank, self.world, self.device = group.rank, group.size, group.device
         self.max_bytes = max_bytes
         channel_bytes = 2 * self.world * max_bytes  # [2 halves][world slots][max_bytes]
