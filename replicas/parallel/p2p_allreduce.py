@@ -14,7 +14,8 @@ is never one a peer is still reading.
 
 `all_reduce_add_rmsnorm` does the same exchange one row per program and then, on the sum, the
 residual add and RMSNorm that follow each of a layer's all-reduces (replicas.models.fused_norm's
-arithmetic): one kernel where there were two.
+arithmetic): one kernel where there were two. Inputs of more than MAX_PROGRAMS blocks (rows) run on
+MAX_PROGRAMS programs that each push, signal and sum several blocks (rows).
 
 Inputs larger than the buffer take NCCL (larger decode batches, prefill chunks: see
 replicas.parallel.group.PEER_MAX_BYTES); the choice depends on the size alone, so all ranks choose
@@ -33,6 +34,9 @@ from torch.multiprocessing.reductions import reduce_tensor
 
 MAX_BLOCKS = 1024
 BLOCK = 1024  # elements per program
+# The most programs of one call: more blocks loop (the one-shot kernels at hundreds of programs
+# took 0.4-1.3 ms a call in some runs on H200s, against 4-15 us in others).
+MAX_PROGRAMS = 32
 POLL_HOST_AFTER_NS = 200_000  # a wait this long starts reading the host's stop flag
 WAIT_LIMIT_NS = 60 * 10**9  # longer than ranks drift apart at start-up (Triton compiles, graph captures)
 
@@ -43,22 +47,24 @@ def _now_ns():
 
 
 @triton.jit
-def _exchange(x, offs, mask, pid, epoch, ptrs, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
-              MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr,
-              POLL_HOST_AFTER: tl.constexpr):
-    """Program `pid`'s part of one call: push x (this rank's values at `offs` of the slot) to every
-    rank, signal, wait for every rank's signal, and return the sum in rank order (float32).
+def _push(x, offs, mask, half, ptrs, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr):
+    """Store x (this rank's values at `offs` of its slot) into every rank's buffer.
     ptrs: the addresses of every rank's data buffer, then of every rank's signals, then of this
     rank's status in pinned host memory ([0]: the host asks to stop waiting, [1]: a wait gave up)."""
-    half = (epoch % 2).to(tl.int64)
     for p in tl.static_range(WORLD):
         peer = tl.load(ptrs + p).to(tl.pointer_type(x.dtype))
         tl.store(peer + (half * WORLD + RANK) * slot_elems + offs, x, mask=mask)
+
+
+@triton.jit
+def _signal_and_wait(pid, epoch, ptrs, RANK: tl.constexpr, WORLD: tl.constexpr, MAX_BLOCKS_: tl.constexpr,
+                     WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr):
+    """After this program's pushes: raise its flag on every rank, then wait until every rank's
+    program `pid` has raised its flag here (the data reads that follow come after)."""
     tl.debug_barrier()  # every thread's stores come before the flags
     for p in tl.static_range(WORLD):
         peer_signal = tl.load(ptrs + WORLD + p).to(tl.pointer_type(tl.int32))
         tl.atomic_xchg(peer_signal + RANK * MAX_BLOCKS_ + pid, epoch, sem="release", scope="sys")
-    own_data = tl.load(ptrs + RANK).to(tl.pointer_type(x.dtype))
     own_signal = tl.load(ptrs + WORLD + RANK).to(tl.pointer_type(tl.int32))
     status = tl.load(ptrs + 2 * WORLD).to(tl.pointer_type(tl.int32))
     for p in tl.static_range(WORLD):
@@ -81,10 +87,28 @@ def _exchange(x, offs, mask, pid, epoch, ptrs, slot_elems, RANK: tl.constexpr, W
                 tl.store(status + 1, 1)
         tl.atomic_add(flag, 0, sem="acquire", scope="sys")  # the data reads below come after the flag
     tl.debug_barrier()
+
+
+@triton.jit
+def _slot_sum(inp, offs, mask, half, ptrs, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+              BLOCK_: tl.constexpr):
+    """Every rank's values at `offs`, summed in rank order (float32) from this rank's buffer."""
+    own_data = tl.load(ptrs + RANK).to(tl.pointer_type(inp.dtype.element_ty))
     acc = tl.zeros([BLOCK_], dtype=tl.float32)
     for p in tl.static_range(WORLD):
         acc += tl.load(own_data + (half * WORLD + p) * slot_elems + offs, mask=mask, other=0.0).to(tl.float32)
     return acc
+
+
+@triton.jit
+def _exchange(inp, x, offs, mask, pid, epoch, ptrs, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+              MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr,
+              POLL_HOST_AFTER: tl.constexpr):
+    """Program `pid`'s part of one call over one block: push, signal, wait, sum (float32)."""
+    half = (epoch % 2).to(tl.int64)
+    _push(x, offs, mask, half, ptrs, slot_elems, RANK, WORLD)
+    _signal_and_wait(pid, epoch, ptrs, RANK, WORLD, MAX_BLOCKS_, WAIT_LIMIT, POLL_HOST_AFTER)
+    return _slot_sum(inp, offs, mask, half, ptrs, slot_elems, RANK, WORLD, BLOCK_)
 
 
 @triton.jit
@@ -96,7 +120,7 @@ def _one_shot_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr
     offs = pid * BLOCK_ + tl.arange(0, BLOCK_)
     mask = offs < n
     x = tl.load(inp + offs, mask=mask)
-    acc = _exchange(x, offs, mask, pid, epoch, ptrs, slot_elems, RANK, WORLD, MAX_BLOCKS_, BLOCK_, WAIT_LIMIT,
+    acc = _exchange(inp, x, offs, mask, pid, epoch, ptrs, slot_elems, RANK, WORLD, MAX_BLOCKS_, BLOCK_, WAIT_LIMIT,
                     POLL_HOST_AFTER)
     tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
     tl.store(counters + pid, epoch)
@@ -115,17 +139,70 @@ def _one_shot_add_rmsnorm_kernel(inp, residual, weight, out, hidden, eps, ptrs, 
     mask = cols < hidden
     offs = row.to(tl.int64) * hidden + cols
     x = tl.load(inp + offs, mask=mask)
-    acc = _exchange(x, offs, mask, row, epoch, ptrs, slot_elems, RANK, WORLD, MAX_BLOCKS_, BLOCK_, WAIT_LIMIT,
+    acc = _exchange(inp, x, offs, mask, row, epoch, ptrs, slot_elems, RANK, WORLD, MAX_BLOCKS_, BLOCK_, WAIT_LIMIT,
                     POLL_HOST_AFTER)
+    _add_rmsnorm_row(acc, residual, tl.load(weight + cols, mask=mask, other=0.0), out, offs, mask, hidden, eps)
+    tl.store(counters + row, epoch)
+
+
+@triton.jit
+def _add_rmsnorm_row(acc, residual, w, out, offs, mask, hidden, eps):
+    """One row's sum (float32, rounded to the model dtype first) + residual, stored back into the
+    residual; its RMSNorm times w into out."""
     r = tl.load(residual + offs, mask=mask, other=0.0)
     total = (acc.to(r.dtype).to(tl.float32) + r.to(tl.float32)).to(r.dtype)
     tl.store(residual + offs, total, mask=mask)
     tf = total.to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(tf * tf, axis=0) / hidden + eps)
-    w = tl.load(weight + cols, mask=mask, other=0.0)
     y = (tf * inv).to(total.dtype) * w
     tl.store(out + offs, y.to(out.dtype.element_ty), mask=mask)
-    tl.store(counters + row, epoch)
+
+
+# Inputs of more blocks (rows, for the fused kernel) than MAX_PROGRAMS take the kernels below: a
+# grid of MAX_PROGRAMS programs, program p handling blocks p, p + MAX_PROGRAMS, ... and signalling
+# once for all of them. A block keeps its program (block b: b % MAX_PROGRAMS, as in the one-shot
+# kernels, whose blocks are fewer), so the halves' argument holds across both kinds of call.
+@triton.jit
+def _looped_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+                   MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, PROGRAMS: tl.constexpr,
+                   WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr):
+    pid = tl.program_id(0)
+    epoch = tl.load(counters + pid) + 1
+    half = (epoch % 2).to(tl.int64)
+    num_blocks = tl.cdiv(n, BLOCK_)
+    for b in range(pid, num_blocks, PROGRAMS):
+        offs = tl.arange(0, BLOCK_).to(tl.int64) + b * BLOCK_  # b * BLOCK_ < n: fits int32
+        mask = offs < n
+        _push(tl.load(inp + offs, mask=mask), offs, mask, half, ptrs, slot_elems, RANK, WORLD)
+    _signal_and_wait(pid, epoch, ptrs, RANK, WORLD, MAX_BLOCKS_, WAIT_LIMIT, POLL_HOST_AFTER)
+    for b in range(pid, num_blocks, PROGRAMS):
+        offs = tl.arange(0, BLOCK_).to(tl.int64) + b * BLOCK_  # b * BLOCK_ < n: fits int32
+        mask = offs < n
+        acc = _slot_sum(inp, offs, mask, half, ptrs, slot_elems, RANK, WORLD, BLOCK_)
+        tl.store(out + offs, acc.to(out.dtype.element_ty), mask=mask)
+    tl.store(counters + pid, epoch)
+
+
+@triton.jit
+def _looped_add_rmsnorm_kernel(inp, residual, weight, out, rows, hidden, eps, ptrs, counters, slot_elems,
+                               RANK: tl.constexpr, WORLD: tl.constexpr, MAX_BLOCKS_: tl.constexpr,
+                               BLOCK_: tl.constexpr, PROGRAMS: tl.constexpr, WAIT_LIMIT: tl.constexpr,
+                               POLL_HOST_AFTER: tl.constexpr):
+    pid = tl.program_id(0)
+    epoch = tl.load(counters + pid) + 1
+    half = (epoch % 2).to(tl.int64)
+    cols = tl.arange(0, BLOCK_)
+    mask = cols < hidden
+    for row in range(pid, rows, PROGRAMS):
+        offs = cols.to(tl.int64) + row * hidden  # row * hidden < n: fits int32
+        _push(tl.load(inp + offs, mask=mask), offs, mask, half, ptrs, slot_elems, RANK, WORLD)
+    _signal_and_wait(pid, epoch, ptrs, RANK, WORLD, MAX_BLOCKS_, WAIT_LIMIT, POLL_HOST_AFTER)
+    w = tl.load(weight + cols, mask=mask, other=0.0)
+    for row in range(pid, rows, PROGRAMS):
+        offs = cols.to(tl.int64) + row * hidden  # row * hidden < n: fits int32
+        acc = _slot_sum(inp, offs, mask, half, ptrs, slot_elems, RANK, WORLD, BLOCK_)
+        _add_rmsnorm_row(acc, residual, w, out, offs, mask, hidden, eps)
+    tl.store(counters + pid, epoch)
 
 
 def _open_on(device_index: int, shared) -> torch.Tensor:
@@ -188,15 +265,20 @@ class P2PAllReduce:
 
     def all_reduce(self, t: torch.Tensor) -> None:
         n = t.numel()
+        blocks = triton.cdiv(n, BLOCK)
         ptrs, counters = self._channels[self.PLAIN]
-        _one_shot_kernel[(triton.cdiv(n, BLOCK),)](
-            t, t, n, ptrs, counters, self.max_bytes // t.element_size(), RANK=self.rank, WORLD=self.world,
-            MAX_BLOCKS_=MAX_BLOCKS, BLOCK_=BLOCK, WAIT_LIMIT=WAIT_LIMIT_NS, POLL_HOST_AFTER=POLL_HOST_AFTER_NS,
-            num_warps=4)
+        waits = dict(RANK=self.rank, WORLD=self.world, MAX_BLOCKS_=MAX_BLOCKS, BLOCK_=BLOCK, WAIT_LIMIT=WAIT_LIMIT_NS,
+                     POLL_HOST_AFTER=POLL_HOST_AFTER_NS, num_warps=4)
+        if blocks <= MAX_PROGRAMS:
+            _one_shot_kernel[(blocks,)](t, t, n, ptrs, counters, self.max_bytes // t.element_size(), **waits)
+        else:
+            _looped_kernel[(MAX_PROGRAMS,)](t, t, n, ptrs, counters, self.max_bytes // t.element_size(),
+                                            PROGRAMS=MAX_PROGRAMS, **waits)
 
     def fits_rows(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        """all_reduce_add_rmsnorm takes x: [rows, hidden] rows up to the buffer and block counts."""
-        return (x.dim() == 2 and x.shape[0] <= MAX_BLOCKS and x.shape[1] <= 8192 and self.fits(x)
+        """The group's fused path takes x: [rows, hidden] up to the buffer and MAX_PROGRAMS rows (the
+        looped variant is timed by bench/allreduce_latency.py, not yet on a GPU model's path)."""
+        return (x.dim() == 2 and x.shape[0] <= MAX_PROGRAMS and x.shape[1] <= 8192 and self.fits(x)
                 and residual.is_contiguous() and residual.shape == x.shape and residual.dtype == x.dtype)
 
     def all_reduce_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -207,11 +289,15 @@ class P2PAllReduce:
         out = torch.empty_like(x)
         block = triton.next_power_of_2(hidden)
         ptrs, counters = self._channels[self.FUSED]
-        _one_shot_add_rmsnorm_kernel[(rows,)](
-            x, residual, weight, out, hidden, eps, ptrs, counters,
-            self.max_bytes // x.element_size(), RANK=self.rank, WORLD=self.world, MAX_BLOCKS_=MAX_BLOCKS,
-            BLOCK_=block, WAIT_LIMIT=WAIT_LIMIT_NS, POLL_HOST_AFTER=POLL_HOST_AFTER_NS,
-            num_warps=8 if block >= 4096 else 4)
+        slot_elems = self.max_bytes // x.element_size()
+        waits = dict(RANK=self.rank, WORLD=self.world, MAX_BLOCKS_=MAX_BLOCKS, BLOCK_=block, WAIT_LIMIT=WAIT_LIMIT_NS,
+                     POLL_HOST_AFTER=POLL_HOST_AFTER_NS, num_warps=8 if block >= 4096 else 4)
+        if rows <= MAX_PROGRAMS:
+            _one_shot_add_rmsnorm_kernel[(rows,)](x, residual, weight, out, hidden, eps, ptrs, counters, slot_elems,
+                                                  **waits)
+        else:
+            _looped_add_rmsnorm_kernel[(MAX_PROGRAMS,)](x, residual, weight, out, rows, hidden, eps, ptrs, counters,
+                                                        slot_elems, PROGRAMS=MAX_PROGRAMS, **waits)
         return out, residual
 
     def abort(self) -> None:
