@@ -48,3 +48,11 @@ class StepMessage:
             out[name] = self.regions[at:at + n]
             at += n
         return out
+
+
+@dataclass
+class EmbedMessage:
+    """Rank 0's input_embeddings of num_ids ids: the other ranks join the embedding's collectives
+    (the ids arrive in its broadcast)."""
+
+    num_ids: int

@@ -6,7 +6,8 @@ to the worker actors of ranks 1..k-1, which run the same forward on their shards
 inside the model keep the ranks in step. Sampling needs per-sequence state (seeded generators,
 token history for penalties, tokens sampled on the device and not read back yet), which is why
 rank 0 lives with the engine rather than in an actor of its own: nothing comes back from the
-workers, and a step costs rank 0 one actor call per worker on top of one device's work.
+workers, and a step costs rank 0 one socket write per worker (replicas.parallel.step_channel) on
+top of one device's work.
 
 A worker that fails or dies ends the group: a monitor thread, waiting on each worker's `watch`
 call, records why and aborts rank 0's side of the group, so a collective that waits for the
@@ -28,7 +29,8 @@ from replicas.loader import ModelSource
 from replicas.model_runner import LaunchedStep, ModelRunner, StepResult
 from replicas.parallel import placement as pl
 from replicas.parallel.group import CommGroup, backend_for, host_store
-from replicas.parallel.messages import StepMessage
+from replicas.parallel.messages import EmbedMessage, StepMessage
+from replicas.parallel.step_channel import StepSender
 from replicas.parallel.shard import TensorShard
 from replicas.parallel.worker import TensorParallelWorker
 from replicas.scheduler import SchedulerOutput
@@ -72,25 +74,30 @@ class TensorParallelRunner(ModelRunner):
                 torch.cuda.set_device(device)
             host = ray.util.get_node_ip_address()
             store, rdv = host_store(host, backend_for(device), size, RENDEZVOUS_TIMEOUT_S)
+            self.channel = StepSender(host, rdv.prefix.encode())
             self.workers = [TensorParallelWorker.options(**pl.worker_options(self.placement, rank),
                                                          name=f"{rdv.prefix}-rank{rank}").remote(rank)
                             for rank in range(1, size)]
             worker_cfg = dataclasses.replace(cfg, device=device.type)
-            started = [w.start.remote(worker_cfg, model_cfg, source.folder, rdv) for w in self.workers]
+            started = [w.start.remote(worker_cfg, model_cfg, source.folder, rdv, self.channel.address)
+                       for w in self.workers]
             self.group = shard.group = CommGroup(rdv, 0, host, device, store=store)
             try:
                 super().__init__(cfg, model_cfg, source, device, dtype, shard)
             except Exception as e:
                 raise TensorParallelError(f"tensor-parallel start-up failed: {self._worker_errors(started) or e}") from e
             ray.get(started)
+            self.channel.accept(size - 1, RENDEZVOUS_TIMEOUT_S)
         except BaseException:
-            _shutdown(self.health, self.workers, self.placement, getattr(self, "group", None))
+            _shutdown(self.health, self.workers, self.placement, getattr(self, "group", None),
+                      getattr(self, "channel", None))
             raise
         self._lock = threading.Lock()  # one rank-0 sequence of collectives at a time (steps, embeddings)
         self._monitor = threading.Thread(target=_watch, args=(self.health, self.workers, self.group),
                                          name="raylm-tp-monitor", daemon=True)
         self._monitor.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self.health, self.workers, self.placement, self.group)
+        self._finalizer = weakref.finalize(self, _shutdown, self.health, self.workers, self.placement, self.group,
+                                           self.channel)
         logger.info("tensor parallel: %d ranks (%s), rank 0 on %s", size, backend_for(device), device)
 
     @staticmethod
@@ -116,9 +123,7 @@ class TensorParallelRunner(ModelRunner):
                 raise self._failed(e) from e
 
     def _send_step(self, batch: StepBatch, graph_size: int | None) -> None:
-        msg = StepMessage.of(self.inputs, batch, graph_size)
-        for w in self.workers:
-            w.step.remote(msg)
+        self.channel.send(StepMessage.of(self.inputs, batch, graph_size))
 
     def collect(self, step: LaunchedStep) -> StepResult:
         result = super().collect(step)
@@ -132,8 +137,7 @@ class TensorParallelRunner(ModelRunner):
             try:
                 if self.device.type == "cuda":
                     torch.cuda.set_device(self.device)
-                for w in self.workers:
-                    w.embed.remote(len(token_ids))
+                self.channel.send(EmbedMessage(len(token_ids)))
                 with torch.inference_mode():
                     ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
                     return self.model.embed(ids).cpu()
@@ -179,8 +183,11 @@ def _watch(health: _Health, workers: list, group: CommGroup) -> None:
     group.abort()
 
 
-def _shutdown(health: _Health, workers: list, placement: pl.Placement, group: CommGroup | None) -> None:
+def _shutdown(health: _Health, workers: list, placement: pl.Placement, group: CommGroup | None,
+              channel: StepSender | None) -> None:
     health.closing = True
+    if channel is not None:
+        channel.close()  # the workers' step threads end
     if ray.is_initialized():  # else Ray ended first: it took the workers with it
         for w in workers:
             try:

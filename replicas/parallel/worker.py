@@ -2,7 +2,8 @@
 
 A worker holds its share of the weights and the KV cache (its KV heads of every block) and runs
 the same ModelRunner forward as rank 0 from the step's message; it samples nothing. Messages
-arrive in the order rank 0 sent them (one caller, one actor: Ray keeps the order).
+come over the worker's connection to rank 0 (replicas.parallel.step_channel), read and run in
+order on a thread of the worker's own; the actor's methods only start it and report failures.
 
 A failure in a step ends the worker's part: it records why, aborts its process group (so rank 0's
 pending collectives fail at once instead of waiting) and answers `watch`, which rank 0 keeps a
@@ -20,7 +21,8 @@ from replicas.config import EngineConfig, ModelConfig
 from replicas.loader import ModelSource, SafetensorsWeights
 from replicas.model_runner import _PROMPT_LOGPROB_SLICE, ModelRunner
 from replicas.parallel.group import CommGroup, Rendezvous
-from replicas.parallel.messages import StepMessage
+from replicas.parallel.messages import EmbedMessage, StepMessage
+from replicas.parallel.step_channel import ChannelAddress, StepReceiver
 from replicas.parallel.placement import rank_device
 from replicas.parallel.shard import TensorShard
 
@@ -40,12 +42,25 @@ class TensorParallelWorker:
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def start(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: str | None, rdv: Rendezvous) -> None:
+    def start(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: str | None, rdv: Rendezvous,
+              channel: ChannelAddress) -> None:
         """Join the group and build this rank's runner; rank 0 builds its own meanwhile (the start-up
-        collectives, KV sizing and CUDA graph capture, run in step with it)."""
-        self._run(self._start, cfg, model_cfg, weights, rdv, reraise=True)
+        collectives, KV sizing and CUDA graph capture, run in step with it). Then run rank 0's
+        messages as they come."""
+        self._run(self._start, cfg, model_cfg, weights, rdv, channel, reraise=True)
 
-    def _start(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: str | None, rdv: Rendezvous) -> None:
+    def _start(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: str | None, rdv: Rendezvous,
+               channel: ChannelAddress) -> None:
+        receiver = StepReceiver(channel, self.rank, rdv.timeout_s)
+        try:
+            self._build(cfg, model_cfg, weights, rdv)
+        except BaseException:
+            receiver.close()
+            raise
+        threading.Thread(target=self._serve, args=(receiver, torch.get_num_threads()), name="raylm-tp-steps",
+                         daemon=True).start()
+
+    def _build(self, cfg: EngineConfig, model_cfg: ModelConfig, weights: str | None, rdv: Rendezvous) -> None:
         self.device = rank_device(cfg.resolve_device())
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
@@ -57,8 +72,20 @@ class TensorParallelWorker:
         source = ModelSource(model_cfg.name, model_cfg.hf_config, None, state, weights)
         self.runner = ModelRunner(cfg, model_cfg, source, self.device, cfg.resolve_dtype(self.device), shard)
 
-    def step(self, msg: StepMessage) -> None:
-        self._run(self._step, msg)
+    def _serve(self, receiver: StepReceiver, num_threads: int) -> None:
+        """Rank 0's messages, in order, until it closes the connection (or this rank fails)."""
+        torch.set_num_threads(num_threads)  # per thread (see replicas.async_engine): the count _build set
+        try:
+            while not self._failed.is_set():
+                msg = receiver.receive()
+                if msg is None:
+                    return
+                if isinstance(msg, StepMessage):
+                    self._run(self._step, msg)
+                elif isinstance(msg, EmbedMessage):
+                    self._run(self._embed, msg.num_ids)
+        finally:
+            receiver.close()
 
     @torch.inference_mode()
     def _step(self, msg: StepMessage) -> None:
@@ -73,12 +100,9 @@ class TensorParallelWorker:
         if batch.num_samples:
             r.model.compute_logits(hidden[batch.sample_rows])
 
-    def embed(self, num_ids: int) -> None:
-        """Rank 0's input_embeddings of num_ids ids (they arrive in the embedding's broadcast)."""
-        self._run(self._embed, num_ids)
-
     @torch.inference_mode()
     def _embed(self, num_ids: int) -> None:
+        """Rank 0's input_embeddings of num_ids ids (they arrive in the embedding's broadcast)."""
         self.runner.model.embed(torch.zeros(num_ids, dtype=torch.long, device=self.device))
 
     @ray.method(concurrency_group="watch")
