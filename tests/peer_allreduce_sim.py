@@ -9,10 +9,25 @@ call, over several calls (the halves alternate), for one-shot and looped grids a
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
+from triton.runtime import interpreter
 
 from replicas.parallel import p2p_allreduce as m
+
+
+def _scalar_index_for_new_numpy() -> None:
+    """The interpreter turns a tensor used as a loop bound into an int with int(array); program ids
+    are one-element 1-d arrays, which NumPy 2.4 refuses to convert (triton 3.5-3.9 alike). Convert
+    through the array's one element instead, for the calls this harness makes."""
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, *scope):
+        patch_tensor(tensor, *scope)
+        tensor.__index__ = lambda self: int(np.asarray(self.handle.data).reshape(-1)[0])
+
+    interpreter._patch_lang_tensor = patched
 
 
 class SimulatedGroup:
@@ -98,6 +113,7 @@ def check_all_reduce_add_rmsnorm(world: int, rank: int, rows: int, hidden: int, 
 
 
 def main() -> None:
+    _scalar_index_for_new_numpy()
     torch.manual_seed(0)
     for world, rank, n in [(2, 0, 3000), (2, 1, 40_000), (3, 2, 70_000), (2, 0, 32 * m.BLOCK)]:
         check_all_reduce(world, rank, n)

@@ -14,12 +14,17 @@ from dataclasses import dataclass
 import torch
 from torch.distributed import PrefixStore, ReduceOp, TCPStore
 
-# All-reduces up to this size take the peer-memory kernel, larger ones NCCL. Measured on H200s
-# (bench/allreduce_latency.py, 2 and 4 ranks): up to 8 rows of 4096 (64 KB) the kernel took 4-8 us
-# against NCCL's 21-32; from 64 rows up some runs took 0.4-1.3 ms a call (NCCL 25-47 us), and a
-# 256-row decode step of the 8B model ran 10.6 ms at TP=2 and 22.5 at TP=4 with it, 9.3 and 6.7
-# with NCCL. So the peer path serves small decode batches, where its latency matters most.
-PEER_MAX_BYTES = 64 * 1024
+# A peer all-reduce sends (world - 1) copies of the tensor out of every rank, so the largest one
+# that takes the peer kernel (larger ones take NCCL) shrinks with the world: this many bytes
+# divided by the world size. Measured on H200s (bench/allreduce_latency.py, bf16, per call in a
+# graph of 64): 2 ranks 4.4 us (8 KB) to 25 us (2 MB) against NCCL's 21-37 us; 4 ranks 7-30 us up
+# to 1 MB against 32-42, and 51 against 42 at 2 MB. An 8B decode step of 256 rows at TP=2 took
+# 8.3 ms with it, 9.3 ms with NCCL.
+PEER_BYTES_TIMES_WORLD = 4 * 1024 * 1024
+
+
+def peer_max_bytes(world_size: int) -> int:
+    return int(os.environ.get("RAYLM_PEER_ALLREDUCE_MAX_BYTES", PEER_BYTES_TIMES_WORLD // world_size))
 
 
 @dataclass
@@ -42,7 +47,7 @@ def host_store(host: str, backend: str, world_size: int, timeout_s: float) -> tu
     store = TCPStore(host, 0, world_size, is_master=True, timeout=timeout, wait_for_workers=False)
     return store, Rendezvous(host, store.port, f"raylm-tp-{uuid.uuid4().hex[:12]}", backend, world_size, timeout_s,
                              peer_all_reduce=os.environ.get("RAYLM_PEER_ALLREDUCE", "1") != "0",
-                             peer_max_bytes=int(os.environ.get("RAYLM_PEER_ALLREDUCE_MAX_BYTES", PEER_MAX_BYTES)))
+                             peer_max_bytes=peer_max_bytes(world_size))
 
 
 class CommGroup:

@@ -18,7 +18,7 @@ arithmetic): one kernel where there were two. Inputs of more than MAX_PROGRAMS b
 MAX_PROGRAMS programs that each push, signal and sum several blocks (rows).
 
 Inputs larger than the buffer take NCCL (larger decode batches, prefill chunks: see
-replicas.parallel.group.PEER_MAX_BYTES); the choice depends on the size alone, so all ranks choose
+replicas.parallel.group.peer_max_bytes); the choice depends on the size alone, so all ranks choose
 alike. A wait for a rank that died must not hang the GPU (no NCCL abort reaches
 this kernel): the waits read a stop flag in pinned host memory, which abort() sets, and give up on
 their own after a bound, leaving a flag the host reads (gave_up).
@@ -276,9 +276,9 @@ class P2PAllReduce:
                                             PROGRAMS=MAX_PROGRAMS, **waits)
 
     def fits_rows(self, x: torch.Tensor, residual: torch.Tensor) -> bool:
-        """The group's fused path takes x: [rows, hidden] up to the buffer and MAX_PROGRAMS rows (the
-        looped variant is timed by bench/allreduce_latency.py, not yet on a GPU model's path)."""
-        return (x.dim() == 2 and x.shape[0] <= MAX_PROGRAMS and x.shape[1] <= 8192 and self.fits(x)
+        """The group's fused path takes x: [rows, hidden] up to the buffer; more than MAX_PROGRAMS rows
+        take the looped kernel."""
+        return (x.dim() == 2 and x.shape[1] <= 8192 and self.fits(x)
                 and residual.is_contiguous() and residual.shape == x.shape and residual.dtype == x.dtype)
 
     def all_reduce_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
