@@ -5,7 +5,7 @@
     output throughput (bench/gpu_workload.py: 256 requests, prompts and outputs of 100..1024 tokens);
 (b) data parallel: the Llama-3.2-1B shape with 1, 2 (and 4) replicas behind Ray Serve's HTTP router:
     output throughput at 256 concurrent streams (prompts of 200 random token ids, 256 output tokens,
-    ignore_eos), driven by several client processes.
+    ignore_eos), driven by several client processes; `--per-replica`: 256 streams per replica.
 
 Every configuration runs in a child process of its own (a fresh Ray instance and a clean GPU).
 
@@ -175,28 +175,32 @@ def dp_child(args) -> dict:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     n = args.child_size
+    scale = n if args.per_replica else 1
+    concurrency, requests_total = args.concurrency * scale, args.requests * scale
+    routers = (args.num_routers or 1) * n if args.per_replica else args.num_routers or n
     direct = free_port() if args.direct else None  # the Routers' own port (router.direct_http)
     t0 = time.perf_counter()
     run({"name": "raylm", "model": args.dp_model, "direct_port": direct, "direct_host": "127.0.0.1",
          "engine": {"load_format": "dummy", "tokenizer": args.tokenizer, "max_model_len": args.max_model_len},
          "num_replicas": n, "ray_actor_options": {"num_gpus": 1, "num_cpus": 2} if gpu else {"num_cpus": 1},
-         "num_routers": args.num_routers or n, "max_ongoing_requests": args.concurrency,
-         "max_queued_requests": 4 * args.concurrency})
+         "num_routers": routers, "max_ongoing_requests": concurrency,
+         "max_queued_requests": 4 * concurrency})
     base = f"http://127.0.0.1:{port}"
     while requests.get(f"{base}/health", timeout=30).status_code != 200:
         time.sleep(1)
     startup = time.perf_counter() - t0
     model_id = requests.get(f"{base}/v1/models", timeout=30).json()["data"][0]["id"]
     url = f"http://127.0.0.1:{direct}/v1/completions" if direct else f"{base}/v1/completions"
-    drive(url, dp_bodies(model_id, args.concurrency, args.prompt_len, 32, seed=1), args.concurrency,
-          args.client_processes)  # warm every replica
-    result = drive(url, dp_bodies(model_id, args.requests, args.prompt_len, args.max_tokens), args.concurrency,
-                   args.client_processes)
+    processes = args.client_processes * scale
+    drive(url, dp_bodies(model_id, concurrency, args.prompt_len, 32, seed=1), concurrency,
+          processes)  # warm every replica
+    result = drive(url, dp_bodies(model_id, requests_total, args.prompt_len, args.max_tokens), concurrency,
+                   processes)
     serve.shutdown()
     ray.shutdown()
-    return {"replicas": n, "routers": args.num_routers or n, "direct_port": bool(direct), "startup_s": startup,
-            "concurrency": args.concurrency,
-            "requests": args.requests, "prompt_tokens": args.prompt_len, "max_tokens": args.max_tokens, **result}
+    return {"replicas": n, "routers": routers, "direct_port": bool(direct), "startup_s": startup,
+            "concurrency": concurrency,
+            "requests": requests_total, "prompt_tokens": args.prompt_len, "max_tokens": args.max_tokens, **result}
 
 
 # ------------------------------------------------------------------------------ driver
@@ -231,6 +235,9 @@ def main() -> None:
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--concurrency", type=int, default=256)
     ap.add_argument("--requests", type=int, default=2048)
+    ap.add_argument("--per-replica", action="store_true",
+                    help="DP: --concurrency streams, --requests requests and --num-routers Routers (default 1) "
+                         "per replica (N replicas: N times each)")
     ap.add_argument("--prompt-len", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--num-routers", type=int, default=None, help="Router replicas (default: one per replica)")
