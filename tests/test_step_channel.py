@@ -64,3 +64,40 @@ def test_a_worker_that_never_connects_times_out():
     with pytest.raises(TimeoutError):
         sender.accept(1, 0.5)
     sender.close()
+
+
+def test_a_write_cut_short_by_a_signal_still_sends_whole_frames():
+    """A blocking write that a signal interrupts after part of a frame returns short; the rest
+    must follow, or every later frame is misread. A large message to a reader that starts late,
+    with a timer signal firing meanwhile, makes the cut likely."""
+    import signal
+    import time
+
+    sender = StepSender("127.0.0.1", TOKEN)
+    receiver = StepReceiver(sender.address, 1, 10)
+    sender.accept(1, 10)
+    big = np.arange(4_000_000, dtype=np.int64)  # 32 MB: far past the sockets' buffers
+    got = []
+
+    def read():
+        time.sleep(0.3)  # the sender blocks with part of the frame written
+        while (msg := receiver.receive()) is not None:
+            got.append(msg)
+
+    reader = threading.Thread(target=read)
+    fired = []
+    previous = signal.signal(signal.SIGALRM, lambda *_: fired.append(1))
+    signal.setitimer(signal.ITIMER_REAL, 0.1, 0.05)
+    try:
+        reader.start()
+        for i in range(3):
+            sender.send(StepMessage((i, 1, 1, 0, 1, 40), big, np.array([i]), 8, []))
+        sender.send(EmbedMessage(9))
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    sender.close()
+    reader.join(30)
+    assert fired  # the signal did arrive during the writes
+    assert [m.counts[0] for m in got[:-1]] == [0, 1, 2] and got[-1] == EmbedMessage(9)
+    assert all(np.array_equal(m.regions, big) for m in got[:-1])

@@ -67,7 +67,9 @@ class StepSender:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         header = _LENGTH.pack(len(data))
         for conn in self._peers:
-            conn.sendmsg([header, data])
+            sent = conn.sendmsg([header, data])
+            if sent < len(header) + len(data):  # a signal cut the write short: the frame must stay whole
+                conn.sendall(memoryview(header + data)[sent:])
 
     def close(self) -> None:
         for conn in [self._listener, *self._peers]:
