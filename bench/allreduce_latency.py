@@ -130,7 +130,8 @@ def _rank(rank: int, rdv: Rendezvous, args, queue) -> None:
         if peer.gave_up:
             raise RuntimeError("a peer all-reduce wait gave up")
         rows_out.append({"rows": rows, "bytes": x.numel() * 2, "equal_to_rank_order_sum": equal,
-                         "graph_equal_to_rank_order_sum": graph_equal, "equal_to_nccl": nccl_equal, "fused_norm_equal_to_split": fused_equal,
+                         "graph_equal_to_rank_order_sum": graph_equal, "equal_to_nccl": nccl_equal,
+                         "fused_norm_equal_to_split": fused_equal,
                          "nccl_us": nccl_us, "peer_us": peer_us, "peer_then_norm_us": split_us,
                          "fused_peer_norm_us": fused_us})
     if rank == 0:
