@@ -24,6 +24,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import socket
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "bench" / "results"
+STATS_LAG_S = 2.5  # Serve's routing-stats poll, which carries the replicas' step counters to /metrics
 
 
 # ------------------------------------------------------------------------------ (a) tensor parallel
@@ -75,10 +77,44 @@ def tp_child(args) -> dict:
     prompts, outputs = workload(args.workload_seqs, args.workload_max_len, args.workload_max_len)
     throughput = output_tok_s(llm, prompts, outputs)
     runner = llm.engine.runner
-    return {"tensor_parallel_size": args.child_size, "cuda_graphs": runner.graphs is not None,
-            "startup_s": startup, "kv_blocks": runner.num_blocks,
-            "single_stream_itl_ms": statistics.median(itls) * 1e3, "itl_runs_ms": [x * 1e3 for x in itls],
-            "workload_output_tok_s": throughput, "workload_output_tokens": sum(outputs)}
+    result = {"tensor_parallel_size": args.child_size, "cuda_graphs": runner.graphs is not None,
+              "startup_s": startup, "kv_blocks": runner.num_blocks,
+              "single_stream_itl_ms": statistics.median(itls) * 1e3, "itl_runs_ms": [x * 1e3 for x in itls],
+              "workload_output_tok_s": throughput, "workload_output_tokens": sum(outputs)}
+    if args.tp_profile:
+        result["workload_phases"] = workload_phases(llm.engine, prompts, outputs)
+    return result
+
+
+PHASES = ((1, 32), (33, 64), (65, 128), (129, 192), (193, 256))
+
+
+def workload_phases(engine, prompts: list[list[int]], outputs: list[int]) -> dict:
+    """The workload once more, step by step: seconds and steps while prompts still wait (prefill
+    mixed in), then in decode-only steps by running batch size; where a TP speed-up is lost."""
+    import torch
+
+    from replicas.sampling_params import SamplingParams
+
+    for i, (p, n) in enumerate(zip(prompts, outputs)):
+        engine.add_request(f"phase-{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=n, temperature=0.6,
+                                                                                 ignore_eos=True))
+    phases: dict[str, list[float]] = {}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    while engine.has_unfinished_requests():
+        load = engine.get_load()
+        start = time.perf_counter()
+        engine.step()
+        took = time.perf_counter() - start
+        if load.num_waiting:
+            name = "prefill"
+        else:
+            name = next((f"decode {lo}-{hi}" for lo, hi in PHASES if lo <= load.num_running <= hi), "decode more")
+        phase = phases.setdefault(name, [0, 0.0])
+        phase[0] += 1
+        phase[1] += took
+    return {name: {"steps": n, "seconds": t, "mean_step_ms": t / n * 1e3} for name, (n, t) in phases.items()}
 
 
 def output_tok_s(llm, prompts: list[list[int]], outputs: list[int]) -> float:
@@ -105,8 +141,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _client(url: str, bodies: list[bytes], concurrency: int, queue_at: list[int]) -> tuple[int, int]:
-    """Keep `concurrency` streams open until the shared list of bodies is used up; (tokens, errors)."""
+async def _client(url: str, bodies: list[bytes], concurrency: int, queue_at: list[int], ready, start) -> tuple[int, int]:
+    """Keep `concurrency` streams open until the shared list of bodies is used up; (tokens, errors).
+    Says `ready` once its session is up and sends nothing before `start` (a multiprocessing Event)."""
     import aiohttp
 
     tokens = errors = 0
@@ -129,31 +166,81 @@ async def _client(url: str, bodies: list[bytes], concurrency: int, queue_at: lis
 
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
+        ready.put(None)
+        await asyncio.get_running_loop().run_in_executor(None, start.wait)
         await asyncio.gather(*(worker(session) for _ in range(concurrency)))
     return tokens, errors
 
 
-def _client_process(url: str, bodies: list[bytes], concurrency: int, out) -> None:
-    out.put(asyncio.run(_client(url, bodies, concurrency, [0])))
+def _client_process(url: str, bodies: list[bytes], concurrency: int, ready, start, out) -> None:
+    import resource
+
+    tokens, errors = asyncio.run(_client(url, bodies, concurrency, [0], ready, start))
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    out.put((tokens, errors, usage.ru_utime + usage.ru_stime))
+
+
+def host_cpu_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of all this host's cores, from /proc/stat (zeros where it is missing)."""
+    try:
+        with open("/proc/stat") as f:
+            values = [int(x) for x in f.readline().split()[1:]]
+    except OSError:
+        return 0.0, 0.0
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return float(sum(values) - idle), float(sum(values))
 
 
 def drive(url: str, bodies: list[bytes], concurrency: int, processes: int) -> dict:
     """Split the bodies and the streams over client processes (one asyncio loop cannot parse SSE as
-    fast as several replicas write it); output tokens per second over the whole run."""
+    fast as several replicas write it); output tokens per second from the moment every client is
+    connected (their start-up on a busy host is not the servers' time) to the last token."""
     ctx = multiprocessing.get_context("spawn")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_client_process, args=(url, bodies[i::processes], concurrency // processes, out))
+    out, ready, start = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_client_process,
+                         args=(url, bodies[i::processes], concurrency // processes, ready, start, out))
              for i in range(processes)]
-    start = time.perf_counter()
     for p in procs:
         p.start()
+    for _ in procs:
+        ready.get()
+    busy0, total0 = host_cpu_busy()
+    t0 = time.perf_counter()
+    start.set()
     results = [out.get() for _ in procs]
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - t0
+    busy1, total1 = host_cpu_busy()
     for p in procs:
         p.join()
-    tokens = sum(t for t, _ in results)
-    return {"wall_s": wall, "output_tokens": tokens, "errors": sum(e for _, e in results),
-            "output_tok_s": tokens / wall}
+    tokens = sum(r[0] for r in results)
+    return {"wall_s": wall, "output_tokens": tokens, "errors": sum(r[1] for r in results),
+            "output_tok_s": tokens / wall, "client_cpu_s": sum(r[2] for r in results),
+            "host_cpu_busy": (busy1 - busy0) / (total1 - total0) if total1 > total0 else None}
+
+
+def replica_counters(base: str) -> dict[str, dict[str, float]]:
+    """Each replica's requests started, engine steps and their summed wall time, from /metrics."""
+    import requests
+
+    text = requests.get(f"{base}/metrics", timeout=30).text
+    found: dict[str, dict[str, float]] = {}
+    for name, key in (("raylm_replica_requests_total", "requests"), ("raylm_replica_engine_steps_total", "steps"),
+                      ("raylm_replica_engine_step_seconds_total", "step_seconds")):
+        for m in re.finditer(rf'^{name}\{{replica="([^"]*)"[^}}]*\}} ([0-9.e+-]+)$', text, re.M):
+            found.setdefault(m.group(1), {})[key] = float(m.group(2))
+    return found
+
+
+def per_replica(before: dict, after: dict, wall: float) -> list[dict]:
+    """What each replica did in a run: its requests, steps, mean step and busy fraction."""
+    rows = []
+    for replica, end in sorted(after.items()):
+        start = before.get(replica, {})
+        d = {k: end.get(k, 0.0) - start.get(k, 0.0) for k in ("requests", "steps", "step_seconds")}
+        rows.append({"replica": replica, "requests": int(d["requests"]), "steps": int(d["steps"]),
+                     "mean_step_ms": d["step_seconds"] / d["steps"] * 1e3 if d["steps"] else None,
+                     "busy": d["step_seconds"] / wall if wall else None})
+    return rows
 
 
 def dp_bodies(model_id: str, num: int, prompt_len: int, max_tokens: int, seed: int = 0) -> list[bytes]:
@@ -168,6 +255,7 @@ def dp_child(args) -> dict:
     import requests
     from ray import serve
 
+    from bench.process_cpu import ProcessCPU
     from cluster.app import run
 
     ray.init(include_dashboard=False, log_to_driver=False)
@@ -194,8 +282,15 @@ def dp_child(args) -> dict:
     processes = args.client_processes * scale
     drive(url, dp_bodies(model_id, concurrency, args.prompt_len, 32, seed=1), concurrency,
           processes)  # warm every replica
-    result = drive(url, dp_bodies(model_id, requests_total, args.prompt_len, args.max_tokens), concurrency,
-                   processes)
+    time.sleep(STATS_LAG_S)
+    before = replica_counters(base)
+    with ProcessCPU(os.getpid()) as cpu:
+        result = drive(url, dp_bodies(model_id, requests_total, args.prompt_len, args.max_tokens), concurrency,
+                       processes)
+    time.sleep(STATS_LAG_S)
+    result["per_replica"] = per_replica(before, replica_counters(base), result["wall_s"])
+    result["process_cpu"] = {role: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+                             for role, r in cpu.report(result["output_tokens"]).items()}
     serve.shutdown()
     ray.shutdown()
     return {"replicas": n, "routers": routers, "direct_port": bool(direct), "startup_s": startup,
@@ -228,6 +323,8 @@ def main() -> None:
     ap.add_argument("--skip-tp", action="store_true")
     ap.add_argument("--skip-dp", action="store_true")
     ap.add_argument("--tp-eager", action="store_true", help="also run each TP size without CUDA graphs")
+    ap.add_argument("--tp-profile", action="store_true",
+                    help="(a): run the workload once more step by step and report time by phase and batch size")
     ap.add_argument("--tp-model", default="llama-3.1-8b")
     ap.add_argument("--dp-model", default="llama-3.2-1b")
     ap.add_argument("--workload-seqs", type=int, default=256, help="(a): the nano-vllm workload's requests")
@@ -312,6 +409,15 @@ def summarize(result: dict) -> None:
             print(f"{r['tensor_parallel_size']:>3}{str(r['cuda_graphs']):>8}{r['single_stream_itl_ms']:>9.2f}"
                   f"{r['itl_speedup']:>7.2f}{r['workload_output_tok_s']:>16.0f}{r['throughput_speedup']:>7.2f}")
         print("targets: TP=2 ITL x1.7, workload x1.6")
+        phased = [r for r in tp if "workload_phases" in r]
+        names = sorted({n for r in phased for n in r["workload_phases"]}, key=_phase_order)
+        if phased:
+            print(f"\n{'phase':>14}" + "".join(f"{'TP' + str(r['tensor_parallel_size']) + ' s (steps, ms)':>26}"
+                                             for r in phased))
+            for name in names:
+                cells = [r["workload_phases"].get(name) for r in phased]
+                print(f"{name:>14}" + "".join(f"{c['seconds']:>10.2f} ({c['steps']:>5}, {c['mean_step_ms']:6.2f})"
+                                              if c else f"{'-':>26}" for c in cells))
     dp = [r for r in result["data_parallel"]["runs"] if "error" not in r]
     one = next((r for r in dp if r["replicas"] == 1), None)
     if one:
@@ -319,9 +425,23 @@ def summarize(result: dict) -> None:
         for r in dp:
             r["speedup"] = r["output_tok_s"] / one["output_tok_s"]
             r["efficiency"] = r["speedup"] / r["replicas"]
+            steps = [x["mean_step_ms"] for x in r.get("per_replica", []) if x["mean_step_ms"]]
+            busy = [x["busy"] for x in r.get("per_replica", []) if x["busy"] is not None]
+            requests = [x["requests"] for x in r.get("per_replica", [])]
+            host = r.get("host_cpu_busy")
             print(f"{r['replicas']:>8}{r['output_tok_s']:>10.0f}{r['speedup']:>7.2f}{r['efficiency']:>13.2f}"
-                  f"{r['errors']:>8}")
+                  f"{r['errors']:>8}  step ms {_span(steps, '.2f')}  busy {_span(busy, '.2f')}"
+                  f"  requests {_span(requests, 'd')}  host CPU {host if host is None else f'{host:.0%}'}")
         print("target: N replicas >= 0.9 N x one replica")
+
+
+def _phase_order(name: str) -> int:
+    return -1 if name == "prefill" else int(name.split()[1].split("-")[0]) if name[-1].isdigit() else 10**6
+
+
+def _span(values: list, spec: str) -> str:
+    """'lo-hi' of a per-replica figure ('-' when there is none)."""
+    return f"{min(values):{spec}}-{max(values):{spec}}" if values else "-"
 
 
 if __name__ == "__main__":
