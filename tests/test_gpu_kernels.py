@@ -1,5 +1,6 @@
 """The model's fused Triton kernels on CUDA give bitwise the torch ops they replace (rotary
-embedding, SiLU-and-multiply), in bf16 and float32, for the shapes the models use."""
+embedding, SiLU-and-multiply), in bf16 and float32, for the shapes the models use; the one-row
+GEMV gives a float32 product rounded to the model dtype."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,3 +39,36 @@ def test_silu_mul_kernel_equals_torch(dtype, tokens, width):
     gate_up = _rand(tokens, 2 * width, dtype=dtype)
     gate, up = gate_up.split(width, dim=-1)
     assert torch.equal(silu_mul(gate_up), F.silu(gate) * up)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,k,bias", [(3072, 4096, False), (4096, 7168, False), (4096, 3584, False), (1000, 1100, True),
+                                      (37, 3000, True)])
+def test_gemv_matches_a_float32_product(dtype, n, k, bias):
+    """Within the model dtype's rounding of a float32 product (its sums run in another order than
+    cuBLAS's, so equality with F.linear is not the contract)."""
+    from replicas.models.gemv import gemv
+
+    x, w = _rand(1, k, dtype=dtype), _rand(n, k, dtype=dtype, seed=1) / k ** 0.5
+    b = _rand(n, dtype=dtype, seed=2) if bias else None
+    ref = x.float() @ w.float().T + (b.float() if bias else 0)
+    out = gemv(x, w, b)
+    assert out.dtype == dtype and out.shape == (1, n)
+    ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(1.0)
+    assert ((out.float() - ref).abs() <= 2 * ulp).all()
+
+
+def test_linear_routes_one_row_to_the_gemv_kernel():
+    from torch import nn
+
+    from replicas.models import gemv
+    from replicas.models.llama import linear
+
+    layer = nn.Linear(2048, 1024, bias=False).to("cuda", torch.bfloat16)
+    x = _rand(1, 2048, dtype=torch.bfloat16)
+    assert gemv.fits(x, layer.weight) and not gemv.fits(_rand(2, 2048, dtype=torch.bfloat16), layer.weight)
+    assert torch.equal(linear(x, layer), gemv.gemv(x, layer.weight))
+    assert not gemv.fits(x.float(), layer.weight.float())  # float32 keeps F.linear
+    small = nn.Linear(64, 64, bias=False).to("cuda", torch.bfloat16)
+    assert not gemv.fits(x[:, :64], small.weight)  # an L2-sized weight keeps F.linear

@@ -6,6 +6,7 @@ caller-supplied embedding row (prompt embeds), chosen by a per-token mask.
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -27,10 +28,16 @@ _CPU_PADDED_ROWS = [0, 2, 2, 3, 4, 5, 6, 7, 8] + [16] * 8 + [32] * 16 + [48] * 1
 
 
 def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """nn.Linear's math; on the CPU, decode-sized batches take the faster `weight @ x.T` layout."""
+    """nn.Linear's math; on CUDA, one row in bf16/fp16 takes the GEMV kernel, and on the CPU
+    decode-sized batches take the faster `weight @ x.T` layout."""
     bias = getattr(layer, "bias", None)  # the tied head is an nn.Embedding
     rows = x.shape[0]
-    if x.device.type != "cpu" or rows >= len(_CPU_PADDED_ROWS):
+    if x.device.type != "cpu":
+        kernel = _gemv() if rows == 1 and x.is_cuda else None
+        if kernel is not None and kernel.fits(x, layer.weight):
+            return kernel.gemv(x, layer.weight, bias)
+        return F.linear(x, layer.weight, bias)
+    if rows >= len(_CPU_PADDED_ROWS):
         return F.linear(x, layer.weight, bias)
     padded = _CPU_PADDED_ROWS[rows]
     if padded != rows:
@@ -39,6 +46,18 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     # and a row-major result: MKL's fast path for this layout needs both.
     out = torch.mm(layer.weight, x.contiguous().t()).t()[:rows].contiguous()
     return out + bias if bias is not None else out
+
+
+@functools.cache
+def _gemv():
+    """replicas.models.gemv, or None where triton is missing or RAYLM_GEMV=0 (F.linear throughout)."""
+    if os.environ.get("RAYLM_GEMV", "1") == "0":
+        return None
+    try:
+        from replicas.models import gemv
+    except ImportError:
+        return None
+    return gemv
 
 
 @functools.cache

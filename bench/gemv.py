@@ -1,0 +1,161 @@
+"""The one-row GEMV kernel (replicas/models/gemv.py) against F.linear (cuBLAS) on a model's weight
+shapes, one tensor-parallel rank's share at each TP size: time per call and the bandwidth of its
+weight read, bf16, one row (a decode step of one sequence).
+
+Each timing replays a CUDA graph of calls that cycle through enough copies of the weight to miss
+L2 every time (a decode step reads every layer's weights once, so none are cached then).
+
+    python bench/gemv.py --model llama-3.1-8b --tp 1 2 4      # the table (F.linear vs kernel)
+    python bench/gemv.py --sweep --tp 1 2                     # every kernel config
+
+Writes bench/results/gemv-<gpu>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench.machine import machine, slug, versions  # noqa: E402
+from replicas.models import gemv as kernel  # noqa: E402
+
+L2_MISS_BYTES = 512 << 20  # weight copies cycled per graph: several times any GPU's L2
+CALLS_PER_GRAPH = 64
+
+
+def shapes(model: str, tp: int) -> dict[str, tuple[int, int]]:
+    """name -> (N, K) of one rank's weights: column-parallel qkv, gate_up and head, row-parallel o, down."""
+    cfg = json.loads((REPO / "configs" / "models" / f"{model}.json").read_text())
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    heads, kv = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv_tp = max(1, kv // tp)
+    return {"qkv": ((heads // tp + 2 * kv_tp) * head_dim, hidden), "o": (hidden, heads // tp * head_dim),
+            "gate_up": (2 * inter // tp, hidden), "down": (hidden, inter // tp),
+            "lm_head": (cfg["vocab_size"] // tp, hidden)}
+
+
+def time_call(fn, weights: list[torch.Tensor], x: torch.Tensor) -> float:
+    """Seconds per call, replayed in a graph that cycles through `weights`."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for w in weights[:3]:  # compile and warm outside the capture
+            fn(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(CALLS_PER_GRAPH):
+            fn(x, weights[i % len(weights)])
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        for _ in range(4):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / (4 * CALLS_PER_GRAPH))
+    return best
+
+
+def weight_copies(n: int, k: int) -> list[torch.Tensor]:
+    count = max(2, -(-L2_MISS_BYTES // (n * k * 2)))
+    return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(min(count, 64))]
+
+
+def table(args) -> list[dict]:
+    rows_out = []
+    print(f"{'tp':>3}{'matrix':>9}{'N':>8}{'K':>7}{'cuBLAS us':>11}{'TB/s':>6}{'kernel us':>11}{'TB/s':>6}{'x':>6}"
+          f"{'max err':>9}")
+    for tp in args.tp:
+        for name, (n, k) in shapes(args.model, tp).items():
+            weights = weight_copies(n, k)
+            nbytes = n * k * 2
+            x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+            t_blas = time_call(lambda x, w: F.linear(x, w), weights, x)
+            t_kern = time_call(kernel.gemv, weights, x)
+            ref = x.float() @ weights[0].float().T
+            err = ((kernel.gemv(x, weights[0]).float() - ref).abs().max() / ref.abs().max()).item()
+            row = {"tp": tp, "matrix": name, "n": n, "k": k, "cublas_us": t_blas * 1e6, "kernel_us": t_kern * 1e6,
+                   "cublas_tb_s": nbytes / t_blas / 1e12, "kernel_tb_s": nbytes / t_kern / 1e12,
+                   "speedup": t_blas / t_kern, "max_rel_err": err}
+            rows_out.append(row)
+            print(f"{tp:>3}{name:>9}{n:>8}{k:>7}{row['cublas_us']:>11.1f}{row['cublas_tb_s']:>6.2f}"
+                  f"{row['kernel_us']:>11.1f}{row['kernel_tb_s']:>6.2f}{row['speedup']:>6.2f}{err:>9.1e}", flush=True)
+            del weights
+        layer = [r for r in rows_out if r["tp"] == tp and r["matrix"] != "lm_head"]
+        blas, kern = sum(r["cublas_us"] for r in layer), sum(r["kernel_us"] for r in layer)
+        print(f"    tp {tp}, one layer's four matrices: cuBLAS {blas:.1f} us, kernel {kern:.1f} us", flush=True)
+    return rows_out
+
+
+def sweep(args) -> list[dict]:
+    """Every config over the layer matrices at each TP size: the config whose summed time over them
+    is least is the one to make the default."""
+    cases = [(tp, name, n, k) for tp in args.tp for name, (n, k) in shapes(args.model, tp).items() if name != "lm_head"]
+    configs = list(itertools.product((1, 2, 4, 8), (512, 1024, 2048), (2, 4, 8), (2, 3)))
+    totals = {c: 0.0 for c in configs}
+    results = []
+    for tp, name, n, k in cases:
+        weights = weight_copies(n, k)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        blas = time_call(lambda x, w: F.linear(x, w), weights, x)
+        best = None
+        for c in configs:
+            bn, bk, warps, stages = c
+
+            def call(x, w, bn=bn, bk=bk, warps=warps, stages=stages):
+                return kernel.gemv(x, w, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+            try:
+                t = time_call(call, weights, x)
+            except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory)
+                t = float("inf")
+                print(f"  {c}: {type(e).__name__}", flush=True)
+            totals[c] += t
+            results.append({"tp": tp, "matrix": name, "config": c, "us": t * 1e6})
+            best = min(best or (t, c), (t, c))
+        print(f"tp {tp} {name:>8} ({n}x{k}): cuBLAS {blas * 1e6:.1f} us, best {best[0] * 1e6:.1f} us {best[1]}",
+              flush=True)
+        del weights
+    ranked = sorted(totals.items(), key=lambda kv: kv[1])
+    print("configs (block_n, block_k, warps, stages) by summed time, best first:")
+    for c, t in ranked[:8]:
+        print(f"  {c}: {t * 1e6:.1f} us")
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--tp", type=int, nargs="*", default=[1, 2, 4])
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/gemv.py needs a CUDA GPU")
+    info = machine()
+    result = {"bench": "gemv", "device": info["gpu"], "machine": info, "versions": versions(),
+              "model": args.model, "dtype": "bfloat16",
+              "config": {"block_n": kernel.BLOCK_N, "block_k": kernel.BLOCK_K, "num_warps": kernel.NUM_WARPS,
+                         "num_stages": kernel.NUM_STAGES}}
+    if args.sweep:
+        result["sweep"] = sweep(args)
+    else:
+        result["rows"] = table(args)
+    path = Path(args.out) if args.out else REPO / "bench" / "results" / f"gemv-{slug(info['gpu'])}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"-> {path}")
+
+
+if __name__ == "__main__":
+    main()
