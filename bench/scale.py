@@ -231,14 +231,16 @@ def replica_counters(base: str) -> dict[str, dict[str, float]]:
     return found
 
 
-def per_replica(before: dict, after: dict, wall: float) -> list[dict]:
-    """What each replica did in a run: its requests, steps, mean step and busy fraction."""
+def per_replica(before: dict, after: dict, wall: float, max_tokens: int) -> list[dict]:
+    """What each replica did in a run: its requests, steps, mean step, output tokens per step (about
+    the mean decode batch) and the share of the run its engine spent stepping."""
     rows = []
     for replica, end in sorted(after.items()):
         start = before.get(replica, {})
         d = {k: end.get(k, 0.0) - start.get(k, 0.0) for k in ("requests", "steps", "step_seconds")}
         rows.append({"replica": replica, "requests": int(d["requests"]), "steps": int(d["steps"]),
                      "mean_step_ms": d["step_seconds"] / d["steps"] * 1e3 if d["steps"] else None,
+                     "tokens_per_step": d["requests"] * max_tokens / d["steps"] if d["steps"] else None,
                      "busy": d["step_seconds"] / wall if wall else None})
     return rows
 
@@ -288,7 +290,7 @@ def dp_child(args) -> dict:
         result = drive(url, dp_bodies(model_id, requests_total, args.prompt_len, args.max_tokens), concurrency,
                        processes)
     time.sleep(STATS_LAG_S)
-    result["per_replica"] = per_replica(before, replica_counters(base), result["wall_s"])
+    result["per_replica"] = per_replica(before, replica_counters(base), result["wall_s"], args.max_tokens)
     result["process_cpu"] = {role: {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
                              for role, r in cpu.report(result["output_tokens"]).items()}
     serve.shutdown()
@@ -427,10 +429,11 @@ def summarize(result: dict) -> None:
             r["efficiency"] = r["speedup"] / r["replicas"]
             steps = [x["mean_step_ms"] for x in r.get("per_replica", []) if x["mean_step_ms"]]
             busy = [x["busy"] for x in r.get("per_replica", []) if x["busy"] is not None]
+            batch = [x["tokens_per_step"] for x in r.get("per_replica", []) if x.get("tokens_per_step")]
             requests = [x["requests"] for x in r.get("per_replica", [])]
             host = r.get("host_cpu_busy")
             print(f"{r['replicas']:>8}{r['output_tok_s']:>10.0f}{r['speedup']:>7.2f}{r['efficiency']:>13.2f}"
-                  f"{r['errors']:>8}  step ms {_span(steps, '.2f')}  busy {_span(busy, '.2f')}"
+                  f"{r['errors']:>8}  step ms {_span(steps, '.2f')}  tokens/step {_span(batch, '.0f')}  busy {_span(busy, '.2f')}"
                   f"  requests {_span(requests, 'd')}  host CPU {host if host is None else f'{host:.0%}'}")
         print("target: N replicas >= 0.9 N x one replica")
 
