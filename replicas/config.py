@@ -37,7 +37,10 @@ class EngineConfig:
     kv_cache_memory_gb: float = 1.0  # the CPU's KV budget
     tokenizer: str | None = None
     served_model_name: str | None = None
-    num_threads: int | None = None  # torch intra-op threads on the CPU
+    num_threads: int | None = None  # torch intra-op threads on the CPU (default: as many as cpu_affinity names)
+    # Cores the engine's process is held to ("0-7,12" or ids; replicas.cpu_affinity): the replica's engine
+    # process, or the caller's process for an offline LLM; rank 0's under tensor parallel.
+    cpu_affinity: str | list[int] | None = None
     attention_backend: str | None = None  # None: "triton" on CUDA, "torch" (the reference) elsewhere
     enforce_eager: bool = False  # True: no CUDA graphs for decode steps
     # Tensor parallelism: the model sharded over this many devices (a Ray placement group of that

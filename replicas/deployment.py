@@ -18,6 +18,7 @@ from ray import serve
 
 from replicas.async_engine import EngineDeadError
 from replicas.continuation import continuation_prompt
+from replicas.cpu_affinity import parse_cpu_list
 from replicas.outputs import RequestOutput
 from replicas.segments import unpack_segments
 
@@ -65,14 +66,18 @@ def chunk_of(outs: list[RequestOutput], replica_id: str, index: int | None = Non
     return chunk
 
 
-def _default_num_threads(device: str) -> int:
+def _default_num_threads(device: str, cpu_affinity=None) -> int:
     # Ray sets OMP_NUM_THREADS from the replica's (often fractional) CPU share, which says how
     # the scheduler counts the replica, not how many cores it may use. Use the cores this process
-    # may run on; pass engine={"num_threads": N} when several CPU replicas share a machine.
+    # may run on (or the engine's cpu_affinity names); pass engine={"num_threads": N} or
+    # {"cpu_affinity": "0-7"} when several CPU replicas share a machine.
     env = os.environ.get("RAYLM_NUM_THREADS")
     if env:
         return max(1, int(env))
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if cpu_affinity is not None:
+        cores = len(parse_cpu_list(cpu_affinity))  # a bad list fails here, before an engine starts
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return cores if device == "cpu" else min(4, cores)
 
 
@@ -95,7 +100,7 @@ class Replica:
         kwargs = dict(engine_kwargs or {})
         # Ray's GPU accounting may be fake (tests declare GPUs a CPU machine lacks): ask torch.
         device = kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-        threads = kwargs.pop("num_threads", None) or _default_num_threads(device)
+        threads = kwargs.pop("num_threads", None) or _default_num_threads(device, kwargs.get("cpu_affinity"))
         torch.set_num_threads(threads)
         kwargs.setdefault("enable_prompt_embeds", True)
         # Debug hook for failure tests and soaks: lets `inject_fault` stop this engine's loop.

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from replicas.config import EngineConfig, ModelConfig
+from replicas.cpu_affinity import parse_cpu_list, pin_process
 from replicas.detokenizer import IncrementalDetokenizer
 from replicas.inputs import ProcessedPrompt, process_prompt
 from replicas.kv_cache_manager import KVCacheManager
@@ -80,6 +81,11 @@ class LLMEngine:
         self.cfg = cfg
         self.device = cfg.resolve_device()
         self.dtype = cfg.resolve_dtype(self.device)
+        if cfg.cpu_affinity is not None:
+            cores = parse_cpu_list(cfg.cpu_affinity)
+            pin_process(cores)
+            if self.device.type == "cpu" and not cfg.num_threads:
+                torch.set_num_threads(len(cores))
         if self.device.type == "cpu" and cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         source = load_model_source(cfg.model, cfg.load_format, cfg.tokenizer)
