@@ -141,7 +141,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def _client(url: str, bodies: list[bytes], concurrency: int, queue_at: list[int], ready, start) -> tuple[int, int]:
+async def _client(url: str, bodies: list[bytes], concurrency: int, queue_at: list[int], ready,
+                  start) -> tuple[int, int]:
     """Keep `concurrency` streams open until the shared list of bodies is used up; (tokens, errors).
     Says `ready` once its session is up and sends nothing before `start` (a multiprocessing Event)."""
     import aiohttp
@@ -214,7 +215,7 @@ def drive(url: str, bodies: list[bytes], concurrency: int, processes: int) -> di
         p.join()
     tokens = sum(r[0] for r in results)
     return {"wall_s": wall, "output_tokens": tokens, "errors": sum(r[1] for r in results),
-            "output_tok_s": tokens / wall, "client_cpu_s": sum(r[2] for r in results),
+            "output_tok_s": tokens / wall, "client_cpu_s": sum(r[2] for r in results),  # their start-up too
             "host_cpu_busy": (busy1 - busy0) / (total1 - total0) if total1 > total0 else None}
 
 
@@ -433,7 +434,8 @@ def summarize(result: dict) -> None:
             requests = [x["requests"] for x in r.get("per_replica", [])]
             host = r.get("host_cpu_busy")
             print(f"{r['replicas']:>8}{r['output_tok_s']:>10.0f}{r['speedup']:>7.2f}{r['efficiency']:>13.2f}"
-                  f"{r['errors']:>8}  step ms {_span(steps, '.2f')}  tokens/step {_span(batch, '.0f')}  busy {_span(busy, '.2f')}"
+                  f"{r['errors']:>8}  step ms {_span(steps, '.2f')}  tokens/step {_span(batch, '.0f')}"
+                  f"  busy {_span(busy, '.2f')}"
                   f"  requests {_span(requests, 'd')}  host CPU {host if host is None else f'{host:.0%}'}")
         print("target: N replicas >= 0.9 N x one replica")
 

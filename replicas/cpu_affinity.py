@@ -28,7 +28,8 @@ def parse_cpu_list(spec: str | int | list[int] | tuple[int, ...]) -> list[int]:
                 raise ValueError(f"cpu_affinity {spec!r}: {part!r} is not a core or an ascending range")
             cores.update(range(first, last + 1))
     else:
-        if not isinstance(spec, (list, tuple)) or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in spec):
+        ids = spec if isinstance(spec, (list, tuple)) else [None]
+        if not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in ids):
             raise ValueError(f"cpu_affinity {spec!r}: core ids must be non-negative ints")
         cores = set(spec)
     if not cores:
