@@ -1,10 +1,11 @@
 """Pin an engine's process to chosen CPU cores (vLLM's VLLM_CPU_OMP_THREADS_BIND, as an engine option).
 
-On a CPU host an engine's OpenMP threads that float over every core step slower than the same
-threads held to as many cores as there are threads, and slower again when the serving processes
-land beside them: on a 16-core Xeon VM one stream of qwen2.5-0.5b at 8 threads stepped in 76.4 ms
-unpinned and 65.6 ms on 8 cores of its own (bench/results/serve-intel-xeon-16cores-8threads*.json).
-Every thread of the process is pinned, the OpenMP pool included, whenever it was started.
+What it is for: several CPU engines on one machine, each on cores of its own, instead of every
+engine's OpenMP threads competing for all of them. Every thread of the process is pinned, the
+OpenMP pool included, whenever it was started. On one engine alone it is not a speed-up to count
+on: on a 16-core Xeon VM (qwen2.5-0.5b, 8 threads, one stream) the offline step was 76.4 ms
+unpinned and 65.6, 68.8 and 75.4 ms on 8 cores in three runs, and served steps moved as much
+between runs (bench/results/serve-intel-xeon-16cores-8threads*.json).
 """
 from __future__ import annotations
 
@@ -51,3 +52,4 @@ def pin_process(cores: list[int]) -> None:
             os.sched_setaffinity(int(tid), cores)
         except ProcessLookupError:  # a thread that ended meanwhile
             pass
+

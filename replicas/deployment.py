@@ -75,7 +75,7 @@ def _default_num_threads(device: str, cpu_affinity=None) -> int:
     if env:
         return max(1, int(env))
     if cpu_affinity is not None:
-        cores = len(parse_cpu_list(cpu_affinity))  # a bad list fails here, before an engine starts
+        cores = len(parse_cpu_list(cpu_affinity))
     else:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return cores if device == "cpu" else min(4, cores)
@@ -100,7 +100,9 @@ class Replica:
         kwargs = dict(engine_kwargs or {})
         # Ray's GPU accounting may be fake (tests declare GPUs a CPU machine lacks): ask torch.
         device = kwargs.pop("device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
-        threads = kwargs.pop("num_threads", None) or _default_num_threads(device, kwargs.get("cpu_affinity"))
+        affinity = kwargs.get("cpu_affinity")
+        cores = parse_cpu_list(affinity) if affinity is not None else None  # a bad list fails before any engine
+        threads = kwargs.pop("num_threads", None) or _default_num_threads(device, cores)
         torch.set_num_threads(threads)
         kwargs.setdefault("enable_prompt_embeds", True)
         # Debug hook for failure tests and soaks: lets `inject_fault` stop this engine's loop.

@@ -75,3 +75,4 @@ def test_engine_process_threads_run_on_the_named_core_only():
     finally:
         ae.shutdown()
         engine.shutdown()
+
