@@ -69,7 +69,7 @@ def test_engine_process_threads_run_on_the_named_core_only():
         out = asyncio.run(asyncio.wait_for(generate(), 120))
         assert len(out.outputs[0].token_ids) == 4
         threads = _allowed_cores(engine.proc.pid)
-        assert len(threads) > 2  # the main thread and torch's pool (num_threads=2), all held
+        assert len(threads) >= 2  # the main thread and torch's pool (num_threads=2), all held
         assert set(threads.values()) == {str(core)}, threads
         assert _allowed_cores(os.getpid())[os.getpid()] != str(core) or len(ALLOWED) == 1  # this process untouched
     finally:
