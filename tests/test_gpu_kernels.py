@@ -41,7 +41,6 @@ def test_silu_mul_kernel_equals_torch(dtype, tokens, width):
     assert torch.equal(silu_mul(gate_up), F.silu(gate) * up)
 
 
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,bias", [(3072, 4096, False), (4096, 7168, False), (4096, 3584, False), (1000, 1100, True),
                                       (37, 3000, True)])
