@@ -90,8 +90,9 @@ PHASES = ((1, 32), (33, 64), (65, 128), (129, 192), (193, 256))
 
 
 def workload_phases(engine, prompts: list[list[int]], outputs: list[int]) -> dict:
-    """The workload once more, step by step: seconds and steps while prompts still wait (prefill
-    mixed in), then in decode-only steps by running batch size; where a TP speed-up is lost."""
+    """The workload once more, step by step: seconds and steps of those with prompt tokens to compute
+    (prefill, decodes mixed in), then of decode-only steps by running batch size; where a TP
+    speed-up is lost."""
     import torch
 
     from replicas.sampling_params import SamplingParams
@@ -104,10 +105,12 @@ def workload_phases(engine, prompts: list[list[int]], outputs: list[int]) -> dic
         torch.cuda.synchronize()
     while engine.has_unfinished_requests():
         load = engine.get_load()
+        prefill = load.num_waiting or any(s.num_computed_tokens < s.num_prompt_tokens
+                                          for s in engine.scheduler.running)
         start = time.perf_counter()
         engine.step()
         took = time.perf_counter() - start
-        if load.num_waiting:
+        if prefill:
             name = "prefill"
         else:
             name = next((f"decode {lo}-{hi}" for lo, hi in PHASES if lo <= load.num_running <= hi), "decode more")
