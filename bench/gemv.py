@@ -7,6 +7,7 @@ L2 every time (a decode step reads every layer's weights once, so none are cache
 
     python bench/gemv.py --model llama-3.1-8b --tp 1 2 4      # the table (F.linear vs kernel)
     python bench/gemv.py --sweep --tp 1 2                     # every kernel config
+    python bench/gemv.py --rows 1 2 4 8 16 32 64 --tp 1 2     # cuBLAS per layer by batch rows
 
 Writes bench/results/gemv-<gpu>.json.
 """
@@ -134,11 +135,39 @@ def sweep(args) -> list[dict]:
     return results
 
 
+def rows_table(args) -> list[dict]:
+    """cuBLAS on one layer's four matrices at each row count (a decode step's batch): how much of a
+    TP speed-up the smaller per-rank GEMMs keep."""
+    out = []
+    print(f"{'rows':>5}" + "".join(f"{f'tp{tp} us':>11}{'TB/s':>6}" for tp in args.tp) + f"{'tp1/last':>9}")
+    weights = {(tp, name): weight_copies(n, k) for tp in args.tp
+               for name, (n, k) in shapes(args.model, tp).items() if name != "lm_head"}
+    for m in args.rows:
+        row = {"rows": m}
+        line = f"{m:>5}"
+        for tp in args.tp:
+            total_us = total_bytes = 0.0
+            for name, (n, k) in shapes(args.model, tp).items():
+                if name == "lm_head":
+                    continue
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                total_us += time_call(lambda x, w: F.linear(x, w), weights[tp, name], x) * 1e6
+                total_bytes += n * k * 2
+            row[f"tp{tp}_us"] = total_us
+            row[f"tp{tp}_tb_s"] = total_bytes / total_us / 1e6
+            line += f"{total_us:>11.1f}{row[f'tp{tp}_tb_s']:>6.2f}"
+        row["ratio"] = row[f"tp{args.tp[0]}_us"] / row[f"tp{args.tp[-1]}_us"]
+        print(line + f"{row['ratio']:>9.2f}", flush=True)
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--tp", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--rows", type=int, nargs="*", default=None, help="cuBLAS per layer at these batch rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -148,7 +177,9 @@ def main() -> None:
               "model": args.model, "dtype": "bfloat16",
               "config": {"block_n": kernel.BLOCK_N, "block_k": kernel.BLOCK_K, "num_warps": kernel.NUM_WARPS,
                          "num_stages": kernel.NUM_STAGES}}
-    if args.sweep:
+    if args.rows:
+        result["cublas_by_rows"] = rows_table(args)
+    elif args.sweep:
         result["sweep"] = sweep(args)
     else:
         result["rows"] = table(args)
