@@ -92,11 +92,14 @@ PHASES = ((1, 32), (33, 64), (65, 128), (129, 192), (193, 256))
 def workload_phases(engine, prompts: list[list[int]], outputs: list[int]) -> dict:
     """The workload once more, step by step: seconds and steps of those with prompt tokens to compute
     (prefill, decodes mixed in), then of decode-only steps by running batch size; where a TP
-    speed-up is lost."""
+    speed-up is lost. New token ids of the same lengths, so the prefix cache (warm from the timed
+    pass) does not skip the prefill."""
     import torch
 
     from replicas.sampling_params import SamplingParams
 
+    rng = random.Random(3)
+    prompts = [[rng.randint(0, 10000) for _ in p] for p in prompts]
     for i, (p, n) in enumerate(zip(prompts, outputs)):
         engine.add_request(f"phase-{i}", {"prompt_token_ids": p}, SamplingParams(max_tokens=n, temperature=0.6,
                                                                                  ignore_eos=True))
