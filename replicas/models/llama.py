@@ -6,6 +6,7 @@ caller-supplied embedding row (prompt embeds), chosen by a per-token mask.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 from typing import TYPE_CHECKING
 
@@ -49,35 +50,19 @@ def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
 
 
 @functools.cache
+def _kernels(name: str):
+    """replicas.models.<name>, one of the Triton kernel modules, or None where triton is missing
+    (the model then runs torch ops)."""
+    try:
+        return importlib.import_module(f"replicas.models.{name}")
+    except ImportError:
+        return None
+
+
+@functools.cache
 def _gemv():
     """replicas.models.gemv, or None where triton is missing or RAYLM_GEMV=0 (F.linear throughout)."""
-    if os.environ.get("RAYLM_GEMV", "1") == "0":
-        return None
-    try:
-        from replicas.models import gemv
-    except ImportError:
-        return None
-    return gemv
-
-
-@functools.cache
-def _fused_add_rmsnorm():
-    """The Triton add+RMSNorm kernel, or None where triton is missing."""
-    try:
-        from replicas.models.fused_norm import add_rmsnorm
-    except ImportError:
-        return None
-    return add_rmsnorm
-
-
-@functools.cache
-def _pointwise_kernels():
-    """replicas.models.fused_pointwise (rope, silu_mul), or None where triton is missing."""
-    try:
-        from replicas.models import fused_pointwise
-    except ImportError:
-        return None
-    return fused_pointwise
+    return None if os.environ.get("RAYLM_GEMV", "1") == "0" else _kernels("gemv")
 
 
 class RMSNorm(nn.Module):
@@ -102,9 +87,9 @@ class RMSNorm(nn.Module):
             if reduced is not None:
                 return reduced
             group.all_reduce(x)
-        fused = _fused_add_rmsnorm() if x.is_cuda else None
+        fused = _kernels("fused_norm") if x.is_cuda else None
         if fused is not None:
-            return fused(x, self.weight, self.eps, residual)
+            return fused.add_rmsnorm(x, self.weight, self.eps, residual)
         residual = x if residual is None else x + residual
         return self(residual), residual
 
@@ -130,7 +115,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
         # Queries and keys rotate together: one pass over [T, H + Hkv, D].
-        kernels = _pointwise_kernels() if qk.is_cuda else None
+        kernels = _kernels("fused_pointwise") if qk.is_cuda else None
         qk = kernels.rope(qk, cos, sin) if kernels is not None else apply_rope(qk, cos, sin)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
@@ -149,7 +134,7 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = linear(x, self.gate_up_proj)
-        kernels = _pointwise_kernels() if gate_up.is_cuda else None
+        kernels = _kernels("fused_pointwise") if gate_up.is_cuda else None
         if kernels is not None:
             act = kernels.silu_mul(gate_up)
         else:
