@@ -71,3 +71,45 @@ def test_linear_routes_one_row_to_the_gemv_kernel():
     assert not gemv.fits(x.float(), layer.weight.float())  # float32 keeps F.linear
     small = nn.Linear(64, 64, bias=False).to("cuda", torch.bfloat16)
     assert not gemv.fits(x[:, :64], small.weight)  # an L2-sized weight keeps F.linear
+
+
+def test_one_row_chain_with_programmatic_dependent_launch_equals_plain_launches(monkeypatch):
+    """One-row kernels launched with PDL (replicas/pdl.py) start before the kernel they read from
+    has finished; each must wait for its input. A chain of them, replayed as a CUDA graph, gives
+    bitwise the results of plain launches (a missed wait reads a stale row)."""
+    from replicas import pdl
+    from replicas.models.fused_norm import add_rmsnorm
+    from replicas.models.fused_pointwise import silu_mul
+    from replicas.models.gemv import gemv
+
+    hidden, layers = 4096, 12
+    weights = [_rand(2 * hidden, hidden, dtype=torch.bfloat16, seed=10 + i) / hidden ** 0.5 for i in range(layers)]
+    norm = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+    x0 = _rand(1, hidden, dtype=torch.bfloat16)
+
+    def chain(x):
+        residual = None
+        for w in weights:
+            h, residual = add_rmsnorm(x, norm, 1e-5, residual)
+            x = silu_mul(gemv(h, w))
+        return x, residual
+
+    def replayed():
+        x = x0.clone()
+        chain(x)  # compile and warm up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = chain(x)
+        results = []
+        for _ in range(5):
+            graph.replay()
+            results.append(torch.cat(out, dim=1).clone())
+        return results
+
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert pdl.launch(x0).get("launch_pdl") is True
+    with_pdl = replayed()
+    monkeypatch.setattr(pdl, "launch", lambda tensor: {"PDL": False})
+    plain = replayed()
+    for a, b in zip(with_pdl, plain):
+        assert torch.equal(a, b)

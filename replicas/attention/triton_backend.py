@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from replicas.attention.backend import AttentionBackend, AttentionMetadata
+from replicas import pdl
 from replicas.attention.triton_kernels import merge_splits_kernel, paged_attention_kernel, store_kv_kernel
 
 _MAX_SPLITS = 16
@@ -85,9 +86,10 @@ class TritonAttentionBackend(AttentionBackend):
         plan: LaunchPlan = meta.backend_state["plan"]
         rows = plan.num_rows
         row = self.num_kv_heads * self.head_dim
+        launch = pdl.launch(q)
         v_half = kv_cache[1].storage_offset() - kv_cache[0].storage_offset()
         store_kv_kernel[(rows,)](k, v, kv_cache, meta.slot_mapping, k.stride(0), v.stride(0), v_half,
-                                 ROW=row, BLOCK=_next_pow2(row), num_warps=4)
+                                 ROW=row, BLOCK=_next_pow2(row), num_warps=4, **launch)
         out = torch.empty((rows, self.num_heads, self.head_dim), dtype=q.dtype, device=q.device)
         paged_attention_kernel[plan.grid](
             out, q, kv_cache, v_half, meta.block_tables, meta.seq_rows, meta.seq_lens, meta.query_start_loc,
@@ -96,10 +98,10 @@ class TritonAttentionBackend(AttentionBackend):
             self.num_heads,
             QPK=self.qpk, HEAD_DIM=self.head_dim, NUM_KV_HEADS=self.num_kv_heads, PAGE=meta.block_size,
             BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, DECODE_ONLY=plan.decode_only,
-            NUM_SPLITS=plan.num_splits, IEEE=q.dtype == torch.float32, WINDOW=window, num_warps=plan.num_warps,
+            NUM_SPLITS=plan.num_splits, IEEE=q.dtype == torch.float32, WINDOW=window, num_warps=plan.num_warps, **launch,
         )
         if plan.num_splits > 1:
             merge_splits_kernel[(rows, self.num_heads)](out, self.part_acc, self.part_stats, out.stride(0),
                                                         self.num_heads, HEAD_DIM=self.head_dim,
-                                                        NUM_SPLITS=plan.num_splits, num_warps=4)
+                                                        NUM_SPLITS=plan.num_splits, num_warps=4, **launch)
         return out

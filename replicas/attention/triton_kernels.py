@@ -10,12 +10,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from replicas.pdl import wait_for_previous
+
 
 @triton.jit
 def store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_row_stride, v_row_stride, v_half_offset,
-                    ROW: tl.constexpr, BLOCK: tl.constexpr):
+                    ROW: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One program per new token: copy its K and V rows ([Hkv * D], contiguous) into its slot.
     A negative slot (padding rows of a captured graph) writes nothing."""
+    wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK)
@@ -34,10 +37,12 @@ def paged_attention_kernel(
     QPK: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_KV_HEADS: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DECODE_ONLY: tl.constexpr, NUM_SPLITS: tl.constexpr, IEEE: tl.constexpr, WINDOW: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Program (tile, kv_head, split): BLOCK_Q query tokens of one sequence times the QPK query
     heads that share kv_head, as BLOCK_M rows of one online-softmax pass over the keys.
     WINDOW > 0: sliding-window attention (a query at position p sees keys p - WINDOW + 1 .. p)."""
+    wait_for_previous(PDL)
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -137,8 +142,9 @@ def paged_attention_kernel(
 
 @triton.jit
 def merge_splits_kernel(out_ptr, part_acc_ptr, part_stats_ptr, out_row_stride, num_heads,
-                        HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr):
+                        HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Program (query row, head): combine the splits' partial softmax results."""
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     offs_s = tl.arange(0, NUM_SPLITS)

@@ -10,10 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
+from replicas import pdl
+from replicas.pdl import wait_for_previous
+
 
 @triton.jit
 def _add_rmsnorm_kernel(x_ptr, residual_ptr, weight_ptr, out_ptr, x_row_stride, residual_row_stride,
-                        out_row_stride, eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+                        out_row_stride, eps, HIDDEN: tl.constexpr, BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                        PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -39,5 +44,5 @@ def add_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float,
     res = residual if residual is not None else x
     _add_rmsnorm_kernel[(rows,)](x, res, weight, out, x.stride(0), res.stride(0), out.stride(0), eps,
                                  HIDDEN=hidden, BLOCK=block, HAS_RESIDUAL=residual is not None,
-                                 num_warps=8 if block >= 4096 else 4)
+                                 num_warps=8 if block >= 4096 else 4, **pdl.launch(x))
     return out, res

@@ -12,11 +12,15 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
+from replicas import pdl
+from replicas.pdl import wait_for_previous
+
 
 @triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, x_row_stride, cos_row_stride, NUM_HEADS: tl.constexpr,
-                 HEADS_BLOCK: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr):
+                 HEADS_BLOCK: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One token: out = x * cos + rotate_half(x) * sin over all its heads (q and k alike)."""
+    wait_for_previous(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, HEADS_BLOCK)[:, None]
     d = tl.arange(0, HALF_BLOCK)[None, :]
@@ -47,12 +51,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = dim // 2
         _rope_kernel[(tokens,)](x, cos, sin, out, x.stride(0), cos.stride(0), NUM_HEADS=heads,
                                 HEADS_BLOCK=triton.next_power_of_2(heads), HALF=half,
-                                HALF_BLOCK=triton.next_power_of_2(half), num_warps=4, enable_fp_fusion=False)
+                                HALF_BLOCK=triton.next_power_of_2(half), num_warps=4, enable_fp_fusion=False,
+                                **pdl.launch(x))
     return out
 
 
 @triton.jit
-def _silu_mul_kernel(gate_up_ptr, out_ptr, row_stride, WIDTH: tl.constexpr, BLOCK: tl.constexpr):
+def _silu_mul_kernel(gate_up_ptr, out_ptr, row_stride, WIDTH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < WIDTH
@@ -72,5 +78,6 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if tokens:
         block = 1024
         _silu_mul_kernel[(tokens, triton.cdiv(width, block))](gate_up, out, gate_up.stride(0), WIDTH=width,
-                                                              BLOCK=block, num_warps=4, enable_fp_fusion=False)
+                                                              BLOCK=block, num_warps=4, enable_fp_fusion=False,
+                                                              **pdl.launch(gate_up))
     return out

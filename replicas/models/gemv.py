@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from replicas import pdl
+
 BLOCK_N = 2  # output columns per program
 BLOCK_K = 1024  # weight columns per load
 NUM_WARPS = 4
@@ -29,12 +31,25 @@ MIN_WEIGHT_ELEMENTS = 1 << 20
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, N, K, w_row_stride, HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * w_row_stride
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PDL:
+        # Launched early (replicas.pdl): the weights do not depend on the previous kernel, so the
+        # first tile's load goes out before the wait for x.
+        tl.extra.cuda.gdc_launch_dependents()
+        ks = tl.arange(0, BLOCK_K)
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < K)[None, :], other=0.0,
+                    eviction_policy="evict_first")
+        tl.extra.cuda.gdc_wait()
+        x = tl.load(x_ptr + ks, mask=ks < K, other=0.0, eviction_policy="evict_last")
+        acc = tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+        start = BLOCK_K
+    else:
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        start = 0
+    for k0 in range(start, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0, eviction_policy="evict_first")
@@ -64,5 +79,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0), HAS_BIAS=bias is not None,
-        EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
+        EVEN_K=k % block_k == 0, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
+        **pdl.launch(x))
     return out

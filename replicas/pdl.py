@@ -1,0 +1,57 @@
+"""Programmatic dependent launch (PDL) for the Triton kernels of a one-row forward pass (Hopper
+and newer).
+
+A decode step of one sequence is ~365 short kernels in a row, every weight multiply our GEMV
+kernel. Launched with PDL, a kernel's blocks may start while the kernel before it is finishing;
+each then waits (`griddepcontrol.wait`) until that kernel has completed and its writes are visible
+before it reads or writes anything, except the GEMV's first weight tile, which no kernel writes.
+What overlaps is launch, block scheduling and that first load with the previous kernel's tail.
+Llama-3.1-8B's one-row decode step on an H200: 4.25 -> 3.98 ms, one TP=2 rank's shapes 2.57 ->
+2.34 ms. At 8 and 64 rows, where cuBLAS's GEMMs sit between our kernels, the same launches made
+steps 1-3% slower, so only one-row launches take it.
+
+Every kernel launched with `launch()`'s arguments must call `wait_for_previous(PDL)` (or wait
+itself) before it touches anything an earlier kernel may write. Kernels launched without them
+(torch's, cuBLAS's, the peer all-reduce) keep the stream's plain ordering. `RAYLM_PDL=0`
+launches everything plainly.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@functools.cache
+def _supported(device_index: int) -> bool:
+    if os.environ.get("RAYLM_PDL", "1") == "0" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    try:
+        from triton.language.extra import cuda
+    except ImportError:
+        return False
+    if not hasattr(cuda, "gdc_wait"):
+        return False  # a Triton older than PDL support
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def launch(tensor: torch.Tensor) -> dict:
+    """Keyword arguments for a launch of a PDL-aware kernel over tensor, its input, whose first
+    dimension is the rows (tokens): its PDL constexpr, and Triton's launch_pdl for one row on a
+    device that supports it."""
+    if tensor.is_cuda and tensor.shape[0] == 1:
+        index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
+        if _supported(index):
+            return {"PDL": True, "launch_pdl": True}
+    return {"PDL": False}
+
+
+@triton.jit
+def wait_for_previous(PDL: tl.constexpr):
+    """Let the next kernel's blocks start scheduling, then wait for the previous kernel's writes."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
