@@ -113,3 +113,42 @@ def test_one_row_chain_with_programmatic_dependent_launch_equals_plain_launches(
     plain = replayed()
     for a, b in zip(with_pdl, plain):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (16, 4, 128), (14, 2, 64)])
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_rope_and_kv_write_in_one_kernel_equal_the_two_kernels(dtype, heads, kv_heads, head_dim, tokens):
+    """The Triton backend's forward_rotary pass (rope_store_kv_kernel) writes bitwise the rotated
+    queries and cache rows of the rope kernel followed by store_kv_kernel; padding rows (slot -1)
+    write no cache row."""
+    from replicas.attention.triton_backend import _next_pow2
+    from replicas.attention.triton_kernels import rope_store_kv_kernel, store_kv_kernel
+    from replicas.models.fused_pointwise import rope
+
+    q_size, kv_size = heads * head_dim, kv_heads * head_dim
+    qkv = _rand(tokens, q_size + 2 * kv_size, dtype=dtype)
+    qk = qkv[:, :q_size + kv_size].reshape(-1, heads + kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size:]
+    angles = _rand(tokens, head_dim // 2, dtype=torch.float32, seed=1)
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+    slots = torch.randperm(4 * tokens, device="cuda")[:tokens]
+    slots[-1] = -1
+    caches = [torch.zeros(2, 4 * tokens, kv_size, dtype=dtype, device="cuda") for _ in range(2)]
+    v_half = caches[0][1].storage_offset() - caches[0][0].storage_offset()
+
+    rotated = rope(qk, cos, sin)
+    k = rotated[:, heads:].reshape(tokens, kv_size)
+    store_kv_kernel[(tokens,)](k, v, caches[0], slots, k.stride(0), v.stride(0), v_half, ROW=kv_size,
+                               BLOCK=_next_pow2(kv_size), PDL=False, num_warps=4)
+    q = torch.empty(tokens, heads, head_dim, dtype=dtype, device="cuda")
+    rope_store_kv_kernel[(tokens,)](qk, v, cos, sin, q, caches[1], slots, qk.stride(0), v.stride(0), cos.stride(0),
+                                    v_half, NUM_HEADS=heads, NUM_KV_HEADS=kv_heads,
+                                    HEADS_BLOCK=_next_pow2(heads + kv_heads), HALF=head_dim // 2,
+                                    HALF_BLOCK=_next_pow2(head_dim // 2), ROW_BLOCK=_next_pow2(kv_size), PDL=False,
+                                    num_warps=4, enable_fp_fusion=False)
+    assert torch.equal(q, rotated[:, :heads])
+    assert torch.equal(caches[1], caches[0])
+    if tokens > 1:
+        assert caches[1][:, slots[:-1]].abs().sum() > 0

@@ -38,6 +38,7 @@ class AttentionBackend:
     """
 
     name = "base"
+    fuses_rotary = False  # whether forward_rotary rotates q and k inside its KV write
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step before the layers run."""
@@ -46,6 +47,13 @@ class AttentionBackend:
                 meta: AttentionMetadata, scale: float, window: int = 0) -> torch.Tensor:
         """q: [T, H, D]; k, v: [T, Hkv, D]. Returns [T, H, D]. window > 0: sliding-window attention,
         a query at position p sees the keys at positions p - window + 1 .. p."""
+        raise NotImplementedError
+
+    def forward_rotary(self, qk: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                       window: int = 0) -> torch.Tensor:
+        """forward() of queries and keys before the rotary embedding: qk [T, H + Hkv, D] (queries
+        first, rows may be strided), cos and sin [T, 1, D]. Only where fuses_rotary is set."""
         raise NotImplementedError
 
 

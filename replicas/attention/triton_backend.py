@@ -8,7 +8,8 @@ import torch
 
 from replicas.attention.backend import AttentionBackend, AttentionMetadata
 from replicas import pdl
-from replicas.attention.triton_kernels import merge_splits_kernel, paged_attention_kernel, store_kv_kernel
+from replicas.attention.triton_kernels import (merge_splits_kernel, paged_attention_kernel, rope_store_kv_kernel,
+                                               store_kv_kernel)
 
 _MAX_SPLITS = 16
 _MIN_KEYS_PER_SPLIT = 256
@@ -36,8 +37,14 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _v_half(kv_cache: torch.Tensor) -> int:
+    """Elements from a layer's K half to its V half."""
+    return kv_cache[1].storage_offset() - kv_cache[0].storage_offset()
+
+
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
+    fuses_rotary = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
                  max_decode_batch: int):
@@ -83,13 +90,32 @@ class TritonAttentionBackend(AttentionBackend):
                                                    meta.max_seq_len)
 
     def forward(self, q, k, v, kv_cache, meta: AttentionMetadata, scale: float, window: int = 0):
+        rows = meta.backend_state["plan"].num_rows
+        row = self.num_kv_heads * self.head_dim
+        store_kv_kernel[(rows,)](k, v, kv_cache, meta.slot_mapping, k.stride(0), v.stride(0), _v_half(kv_cache),
+                                 ROW=row, BLOCK=_next_pow2(row), num_warps=4, **pdl.launch(q))
+        return self._attend(q, kv_cache, meta, scale, window)
+
+    def forward_rotary(self, qk, v, cos, sin, kv_cache, meta: AttentionMetadata, scale: float, window: int = 0):
+        rows = meta.backend_state["plan"].num_rows
+        q = torch.empty((rows, self.num_heads, self.head_dim), dtype=qk.dtype, device=qk.device)
+        assert qk.stride(2) == 1 and qk.stride(1) == self.head_dim and v.stride(-1) == 1
+        assert cos.stride(-1) == 1 and sin.stride(0) == cos.stride(0)
+        half = self.head_dim // 2
+        rope_store_kv_kernel[(rows,)](
+            qk, v, cos, sin, q, kv_cache, meta.slot_mapping, qk.stride(0), v.stride(0), cos.stride(0),
+            _v_half(kv_cache), NUM_HEADS=self.num_heads, NUM_KV_HEADS=self.num_kv_heads,
+            HEADS_BLOCK=_next_pow2(self.num_heads + self.num_kv_heads), HALF=half, HALF_BLOCK=_next_pow2(half),
+            ROW_BLOCK=_next_pow2(self.num_kv_heads * self.head_dim), num_warps=4, enable_fp_fusion=False,
+            **pdl.launch(qk))
+        return self._attend(q, kv_cache, meta, scale, window)
+
+    def _attend(self, q, kv_cache, meta: AttentionMetadata, scale: float, window: int):
+        """Attention over the cache, which already holds this step's keys and values."""
         plan: LaunchPlan = meta.backend_state["plan"]
         rows = plan.num_rows
-        row = self.num_kv_heads * self.head_dim
         launch = pdl.launch(q)
-        v_half = kv_cache[1].storage_offset() - kv_cache[0].storage_offset()
-        store_kv_kernel[(rows,)](k, v, kv_cache, meta.slot_mapping, k.stride(0), v.stride(0), v_half,
-                                 ROW=row, BLOCK=_next_pow2(row), num_warps=4, **launch)
+        v_half = _v_half(kv_cache)
         out = torch.empty((rows, self.num_heads, self.head_dim), dtype=q.dtype, device=q.device)
         paged_attention_kernel[plan.grid](
             out, q, kv_cache, v_half, meta.block_tables, meta.seq_rows, meta.seq_lens, meta.query_start_loc,

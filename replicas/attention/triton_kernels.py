@@ -10,6 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from replicas.models.fused_pointwise import rotated_heads
 from replicas.pdl import wait_for_previous
 
 
@@ -27,6 +28,38 @@ def store_kv_kernel(k_ptr, v_ptr, cache_ptr, slot_ptr, k_row_stride, v_row_strid
     v = tl.load(v_ptr + t * v_row_stride + offs, mask=mask)
     tl.store(cache_ptr + slot * ROW + offs, k, mask=mask)
     tl.store(cache_ptr + v_half_offset + slot * ROW + offs, v, mask=mask)
+
+
+@triton.jit
+def rope_store_kv_kernel(qk_ptr, v_ptr, cos_ptr, sin_ptr, q_out_ptr, cache_ptr, slot_ptr, qk_row_stride, v_row_stride,
+                         cos_row_stride, v_half_offset, NUM_HEADS: tl.constexpr, NUM_KV_HEADS: tl.constexpr,
+                         HEADS_BLOCK: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr,
+                         ROW_BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """One program per new token: the rotary embedding of its query and key heads (qk: [T, H + Hkv,
+    D], queries first), queries to q_out ([T, H, D]), keys and its V row into its cache slot (none
+    for a negative slot). store_kv_kernel and the rope kernel in one pass, the same arithmetic."""
+    wait_for_previous(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    h = tl.arange(0, HEADS_BLOCK)[:, None]
+    d = tl.arange(0, HALF_BLOCK)[None, :]
+    mask = (h < NUM_HEADS + NUM_KV_HEADS) & (d < HALF)
+    at = h * (2 * HALF) + d
+    out1, out2 = rotated_heads(qk_ptr + t * qk_row_stride, cos_ptr + t * cos_row_stride,
+                               sin_ptr + t * cos_row_stride, at, d, mask, HALF)
+    q_mask = mask & (h < NUM_HEADS)
+    q_row = q_out_ptr + t * (NUM_HEADS * 2 * HALF)
+    tl.store(q_row + at, out1, mask=q_mask)
+    tl.store(q_row + at + HALF, out2, mask=q_mask)
+    row = NUM_KV_HEADS * 2 * HALF
+    k_mask = mask & (h >= NUM_HEADS) & (slot >= 0)
+    k_row = cache_ptr + slot * row + (h - NUM_HEADS) * (2 * HALF) + d
+    tl.store(k_row, out1, mask=k_mask)
+    tl.store(k_row + HALF, out2, mask=k_mask)
+    offs = tl.arange(0, ROW_BLOCK)
+    v_mask = (offs < row) & (slot >= 0)
+    v = tl.load(v_ptr + t * v_row_stride + offs, mask=v_mask)
+    tl.store(cache_ptr + v_half_offset + slot * row + offs, v, mask=v_mask)
 
 
 @triton.jit

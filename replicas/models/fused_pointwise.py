@@ -17,6 +17,24 @@ from replicas.pdl import wait_for_previous
 
 
 @triton.jit
+def rotated_heads(x_row, cos_row, sin_row, at, d, mask, HALF: tl.constexpr):
+    """One token's heads after the rotary embedding, as their two halves in x's dtype: x * cos +
+    rotate_half(x) * sin, each product and the sum rounded to that dtype as torch's ops round them.
+    at: [heads, HALF_BLOCK] element offsets of the first halves in the row; d: [1, HALF_BLOCK]."""
+    x1 = tl.load(x_row + at, mask=mask, other=0.0)
+    x2 = tl.load(x_row + at + HALF, mask=mask, other=0.0)
+    c1 = tl.load(cos_row + d, mask=d < HALF, other=0.0).to(tl.float32)
+    c2 = tl.load(cos_row + d + HALF, mask=d < HALF, other=0.0).to(tl.float32)
+    s1 = tl.load(sin_row + d, mask=d < HALF, other=0.0).to(tl.float32)
+    s2 = tl.load(sin_row + d + HALF, mask=d < HALF, other=0.0).to(tl.float32)
+    dt = x1.dtype
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    out1 = (a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)
+    out2 = (a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)
+    return out1.to(dt), out2.to(dt)
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, x_row_stride, cos_row_stride, NUM_HEADS: tl.constexpr,
                  HEADS_BLOCK: tl.constexpr, HALF: tl.constexpr, HALF_BLOCK: tl.constexpr, PDL: tl.constexpr):
     """One token: out = x * cos + rotate_half(x) * sin over all its heads (q and k alike)."""
@@ -26,19 +44,11 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, x_row_stride, cos_row_stride,
     d = tl.arange(0, HALF_BLOCK)[None, :]
     mask = (h < NUM_HEADS) & (d < HALF)
     at = h * (2 * HALF) + d
-    x1 = tl.load(x_ptr + t * x_row_stride + at, mask=mask, other=0.0)
-    x2 = tl.load(x_ptr + t * x_row_stride + at + HALF, mask=mask, other=0.0)
-    dt = x1.dtype
-    c1 = tl.load(cos_ptr + t * cos_row_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
-    c2 = tl.load(cos_ptr + t * cos_row_stride + d + HALF, mask=d < HALF, other=0.0).to(tl.float32)
-    s1 = tl.load(sin_ptr + t * cos_row_stride + d, mask=d < HALF, other=0.0).to(tl.float32)
-    s2 = tl.load(sin_ptr + t * cos_row_stride + d + HALF, mask=d < HALF, other=0.0).to(tl.float32)
-    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    out1 = (a1 * c1).to(dt).to(tl.float32) + (-a2 * s1).to(dt).to(tl.float32)
-    out2 = (a2 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)
+    out1, out2 = rotated_heads(x_ptr + t * x_row_stride, cos_ptr + t * cos_row_stride, sin_ptr + t * cos_row_stride,
+                               at, d, mask, HALF)
     out_row = out_ptr + t * (NUM_HEADS * 2 * HALF)
-    tl.store(out_row + at, out1.to(dt), mask=mask)
-    tl.store(out_row + at + HALF, out2.to(dt), mask=mask)
+    tl.store(out_row + at, out1, mask=mask)
+    tl.store(out_row + at + HALF, out2, mask=mask)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

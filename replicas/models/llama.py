@@ -114,12 +114,15 @@ class Attention(nn.Module):
         qk = qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
-        # Queries and keys rotate together: one pass over [T, H + Hkv, D].
-        kernels = _kernels("fused_pointwise") if qk.is_cuda else None
-        qk = kernels.rope(qk, cos, sin) if kernels is not None else apply_rope(qk, cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.window)
+        if backend.fuses_rotary:
+            out = backend.forward_rotary(qk, v, cos, sin, kv_cache, meta, self.scale, self.window)
+        else:
+            # Queries and keys rotate together: one pass over [T, H + Hkv, D].
+            kernels = _kernels("fused_pointwise") if qk.is_cuda else None
+            qk = kernels.rope(qk, cos, sin) if kernels is not None else apply_rope(qk, cos, sin)
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.window)
         # Row-parallel under tensor parallel: each rank's heads give a partial sum, summed by the
         # norm that follows (DecoderLayer).
         return linear(out.reshape(-1, self.q_size), self.o_proj)
