@@ -1,13 +1,14 @@
-"""Paged attention on CUDA with our Triton kernels: a fused KV write and one varlen kernel for
-mixed prefill/decode batches, split over the keys when a decode batch is too small to fill the GPU."""
+"""Paged attention on CUDA with our Triton kernels: a fused KV write (which applies the rotary
+embedding on the way, forward_rotary) and one varlen kernel for mixed prefill/decode batches,
+split over the keys when a decode batch is too small to fill the GPU."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from replicas.attention.backend import AttentionBackend, AttentionMetadata
 from replicas import pdl
+from replicas.attention.backend import AttentionBackend, AttentionMetadata
 from replicas.attention.triton_kernels import (merge_splits_kernel, paged_attention_kernel, rope_store_kv_kernel,
                                                store_kv_kernel)
 
