@@ -63,7 +63,7 @@ class SimulatedGroup:
 
     def waits(self, block: int) -> dict:
         return dict(RANK=self.rank, WORLD=self.world, MAX_BLOCKS_=m.MAX_BLOCKS, BLOCK_=block,
-                    WAIT_LIMIT=m.WAIT_LIMIT_NS, POLL_HOST_AFTER=m.POLL_HOST_AFTER_NS, PDL=False)
+                    WAIT_LIMIT=m.WAIT_LIMIT_NS, POLL_HOST_AFTER=m.POLL_HOST_AFTER_NS)
 
 
 def check_all_reduce(world: int, rank: int, n: int, calls: int = 3) -> None:

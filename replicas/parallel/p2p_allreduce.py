@@ -34,9 +34,6 @@ import triton
 import triton.language as tl
 from torch.multiprocessing.reductions import reduce_tensor
 
-from replicas import pdl
-from replicas.pdl import wait_for_previous
-
 MAX_BLOCKS = 1024
 BLOCK = 1024  # elements per program
 # The most programs of one call: more blocks loop (the one-shot kernels at hundreds of programs
@@ -47,10 +44,6 @@ MAX_PROGRAMS = 32
 # the previous row's. Unmeasured on GPUs so far, so 1 (one row a step) stays the default. Row r stays
 # with program r % MAX_PROGRAMS whatever it is, so ranks need not agree on it.
 ROWS_PER_STEP = int(os.environ.get("RAYLM_PEER_ALLREDUCE_ROWS", "1"))
-# RAYLM_PEER_ALLREDUCE_PDL=1: a one-row call launches with programmatic dependent launch, as the
-# model's one-row kernels do (replicas.pdl), so its launch overlaps the kernel before it. Unmeasured
-# on GPUs so far: off by default.
-PDL_LAUNCH = os.environ.get("RAYLM_PEER_ALLREDUCE_PDL", "0") == "1"
 POLL_HOST_AFTER_NS = 200_000  # a wait this long starts reading the host's stop flag
 WAIT_LIMIT_NS = 60 * 10**9  # longer than ranks drift apart at start-up (Triton compiles, graph captures)
 
@@ -128,8 +121,7 @@ def _exchange(inp, x, offs, mask, pid, epoch, ptrs, slot_elems, RANK: tl.constex
 @triton.jit
 def _one_shot_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
                      MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr,
-                     POLL_HOST_AFTER: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous(PDL)  # no load or store before it (replicas.pdl)
+                     POLL_HOST_AFTER: tl.constexpr):
     pid = tl.program_id(0)
     epoch = tl.load(counters + pid) + 1
     offs = pid * BLOCK_ + tl.arange(0, BLOCK_)
@@ -144,12 +136,10 @@ def _one_shot_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr
 @triton.jit
 def _one_shot_add_rmsnorm_kernel(inp, residual, weight, out, hidden, eps, ptrs, counters, slot_elems,
                                  RANK: tl.constexpr, WORLD: tl.constexpr, MAX_BLOCKS_: tl.constexpr,
-                                 BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr,
-                                 PDL: tl.constexpr):
+                                 BLOCK_: tl.constexpr, WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr):
     """One program per row: the row's all-reduce, then replicas.models.fused_norm's add + RMSNorm
     on the sum, in the same arithmetic (the sum rounded to the model dtype first, as the
     all-reduce's output would be)."""
-    wait_for_previous(PDL)  # no load or store before it (replicas.pdl)
     row = tl.program_id(0)
     epoch = tl.load(counters + row) + 1
     cols = tl.arange(0, BLOCK_)
@@ -182,8 +172,7 @@ def _add_rmsnorm_row(acc, residual, w, out, offs, mask, hidden, eps):
 @triton.jit
 def _looped_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
                    MAX_BLOCKS_: tl.constexpr, BLOCK_: tl.constexpr, PROGRAMS: tl.constexpr,
-                   WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous(PDL)  # no load or store before it (replicas.pdl)
+                   WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr):
     pid = tl.program_id(0)
     epoch = tl.load(counters + pid) + 1
     half = (epoch % 2).to(tl.int64)
@@ -205,8 +194,7 @@ def _looped_kernel(inp, out, n, ptrs, counters, slot_elems, RANK: tl.constexpr, 
 def _looped_add_rmsnorm_kernel(inp, residual, weight, out, rows, hidden, eps, ptrs, counters, slot_elems,
                                RANK: tl.constexpr, WORLD: tl.constexpr, MAX_BLOCKS_: tl.constexpr,
                                BLOCK_: tl.constexpr, PROGRAMS: tl.constexpr, WAIT_LIMIT: tl.constexpr,
-                               POLL_HOST_AFTER: tl.constexpr, PDL: tl.constexpr):
-    wait_for_previous(PDL)  # no load or store before it (replicas.pdl)
+                               POLL_HOST_AFTER: tl.constexpr):
     pid = tl.program_id(0)
     epoch = tl.load(counters + pid) + 1
     half = (epoch % 2).to(tl.int64)
@@ -251,9 +239,8 @@ def _add_rmsnorm_rows(acc, residual, w, out, offs, mask, hidden, eps):
 def _grouped_add_rmsnorm_kernel(inp, residual, weight, out, rows, hidden, eps, ptrs, counters, slot_elems,
                                 RANK: tl.constexpr, WORLD: tl.constexpr, MAX_BLOCKS_: tl.constexpr,
                                 BLOCK_: tl.constexpr, PROGRAMS: tl.constexpr, ROWS_PER_STEP: tl.constexpr,
-                                WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr, PDL: tl.constexpr):
+                                WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr):
     """_looped_add_rmsnorm_kernel moving ROWS_PER_STEP of its rows (pid, pid + PROGRAMS, ...) a step."""
-    wait_for_previous(PDL)  # no load or store before it (replicas.pdl)
     pid = tl.program_id(0)
     epoch = tl.load(counters + pid) + 1
     half = (epoch % 2).to(tl.int64)
@@ -342,7 +329,7 @@ class P2PAllReduce:
         blocks = triton.cdiv(n, BLOCK)
         ptrs, counters = self._channels[self.PLAIN]
         waits = dict(RANK=self.rank, WORLD=self.world, MAX_BLOCKS_=MAX_BLOCKS, BLOCK_=BLOCK, WAIT_LIMIT=WAIT_LIMIT_NS,
-                     POLL_HOST_AFTER=POLL_HOST_AFTER_NS, num_warps=4, **self._launch(t))
+                     POLL_HOST_AFTER=POLL_HOST_AFTER_NS, num_warps=4)
         if blocks <= MAX_PROGRAMS:
             _one_shot_kernel[(blocks,)](t, t, n, ptrs, counters, self.max_bytes // t.element_size(), **waits)
         else:
@@ -365,7 +352,7 @@ class P2PAllReduce:
         ptrs, counters = self._channels[self.FUSED]
         slot_elems = self.max_bytes // x.element_size()
         waits = dict(RANK=self.rank, WORLD=self.world, MAX_BLOCKS_=MAX_BLOCKS, BLOCK_=block, WAIT_LIMIT=WAIT_LIMIT_NS,
-                     POLL_HOST_AFTER=POLL_HOST_AFTER_NS, num_warps=8 if block >= 4096 else 4, **self._launch(x))
+                     POLL_HOST_AFTER=POLL_HOST_AFTER_NS, num_warps=8 if block >= 4096 else 4)
         if rows <= MAX_PROGRAMS:
             _one_shot_add_rmsnorm_kernel[(rows,)](x, residual, weight, out, hidden, eps, ptrs, counters, slot_elems,
                                                   **waits)
@@ -378,10 +365,6 @@ class P2PAllReduce:
             _looped_add_rmsnorm_kernel[(MAX_PROGRAMS,)](x, residual, weight, out, rows, hidden, eps, ptrs, counters,
                                                         slot_elems, PROGRAMS=MAX_PROGRAMS, **waits)
         return out, residual
-
-    @staticmethod
-    def _launch(t: torch.Tensor) -> dict:
-        return pdl.launch(t) if PDL_LAUNCH else {"PDL": False}
 
     def abort(self) -> None:
         """Every wait, running or to come, ends at once (a rank died: its flags will never come)."""
