@@ -5,7 +5,6 @@ one-shot peer-memory kernel (replicas.parallel.p2p_allreduce), each timed as a C
 and the peer all-reduce followed by the add + RMSNorm kernel beside the one kernel doing both.
 
     python bench/allreduce_latency.py --world 2 --rows 1 8 64 256 --hidden 4096
-    python bench/allreduce_latency.py --world 2 --rows 64 128 256 --rows-per-step 2 4 8
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import device_name, slug  # noqa: E402
 from replicas.parallel.group import CommGroup, Rendezvous  # noqa: E402
 from replicas.models.fused_norm import add_rmsnorm  # noqa: E402
-from replicas.parallel.p2p_allreduce import MAX_PROGRAMS, P2PAllReduce  # noqa: E402
+from replicas.parallel.p2p_allreduce import P2PAllReduce  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EPS = 1e-5
@@ -105,7 +104,6 @@ def _rank(rank: int, rdv: Rendezvous, args, queue) -> None:
     torch.cuda.set_device(device)
     group = CommGroup(rdv, rank, "127.0.0.1", device)
     peer = P2PAllReduce(group, max_bytes=max(args.rows) * args.hidden * 2)  # every size timed here
-    default_rows_per_step = peer.rows_per_step
     rows_out = []
     for rows in args.rows:
         gen = torch.Generator(device=device).manual_seed(rank * 1000 + rows)
@@ -129,21 +127,13 @@ def _rank(rank: int, rdv: Rendezvous, args, queue) -> None:
                                       args.calls, args.replays)
         fused_us = _graph_us_per_call(lambda t: peer.all_reduce_add_rmsnorm(t, res, weight, EPS), x.clone(),
                                       args.calls, args.replays)
-        by_rows_per_step = {}
-        for per_step in args.rows_per_step if rows > MAX_PROGRAMS else []:
-            peer.rows_per_step = per_step  # the same on every rank, in the same order
-            by_rows_per_step[per_step] = {
-                "equal_to_split": _fused_like_split(peer, x, residual, weight),
-                "us": _graph_us_per_call(lambda t: peer.all_reduce_add_rmsnorm(t, res, weight, EPS), x.clone(),
-                                         args.calls, args.replays)}
-        peer.rows_per_step = default_rows_per_step
         if peer.gave_up:
             raise RuntimeError("a peer all-reduce wait gave up")
         rows_out.append({"rows": rows, "bytes": x.numel() * 2, "equal_to_rank_order_sum": equal,
                          "graph_equal_to_rank_order_sum": graph_equal, "equal_to_nccl": nccl_equal,
                          "fused_norm_equal_to_split": fused_equal,
                          "nccl_us": nccl_us, "peer_us": peer_us, "peer_then_norm_us": split_us,
-                         "fused_peer_norm_us": fused_us, "fused_by_rows_per_step": by_rows_per_step})
+                         "fused_peer_norm_us": fused_us})
     if rank == 0:
         queue.put(rows_out)
 
@@ -155,9 +145,6 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--calls", type=int, default=64)
     ap.add_argument("--replays", type=int, default=50)
-    ap.add_argument("--rows-per-step", type=int, nargs="*", default=[],
-                    help="also time the fused kernel moving this many rows a loop step (levels above "
-                         f"{MAX_PROGRAMS} rows), e.g. 2 4 8")
     ap.add_argument("--out", default=None, help="where to write the JSON (default: bench/results/)")
     args = ap.parse_args()
     with socket.socket() as s:
@@ -190,10 +177,6 @@ def main() -> None:
               f"{str(r['equal_to_rank_order_sum']):>6} {str(r['graph_equal_to_rank_order_sum']):>9} "
               f"{str(r['equal_to_nccl']):>6} {r['peer_then_norm_us']:>10.2f} "
               f"{r['fused_peer_norm_us']:>7.2f} {str(r['fused_norm_equal_to_split']):>6}")
-    for r in rows:
-        for per_step, f in r["fused_by_rows_per_step"].items():
-            print(f"{r['rows']:>6} rows, fused kernel at {per_step} rows a loop step: {f['us']:.2f} us "
-                  f"(equal to peer sum + norm: {f['equal_to_split']})")
 
 
 if __name__ == "__main__":

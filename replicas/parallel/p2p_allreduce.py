@@ -15,8 +15,7 @@ is never one a peer is still reading.
 `all_reduce_add_rmsnorm` does the same exchange one row per program and then, on the sum, the
 residual add and RMSNorm that follow each of a layer's all-reduces (replicas.models.fused_norm's
 arithmetic): one kernel where there were two. Inputs of more than MAX_PROGRAMS blocks (rows) run on
-MAX_PROGRAMS programs that each push, signal and sum several blocks (rows); the fused kernel's
-programs may move several rows per loop step (ROWS_PER_STEP).
+MAX_PROGRAMS programs that each push, signal and sum several blocks (rows).
 
 Inputs larger than the buffer take NCCL (larger decode batches, prefill chunks: see
 replicas.parallel.group.peer_max_bytes); the choice depends on the size alone, so all ranks choose
@@ -26,7 +25,6 @@ their own after a bound, leaving a flag the host reads (gave_up).
 """
 from __future__ import annotations
 
-import os
 import pickle
 
 import torch
@@ -39,11 +37,6 @@ BLOCK = 1024  # elements per program
 # The most programs of one call: more blocks loop (the one-shot kernels at hundreds of programs
 # took 0.4-1.3 ms a call in some runs on H200s, against 4-15 us in others).
 MAX_PROGRAMS = 32
-# Rows a looped fused call moves per program and loop step (RAYLM_PEER_ALLREDUCE_ROWS, a power of
-# two): a [rows, hidden] tile keeps that many rows' loads in flight where one row's loads wait for
-# the previous row's. Unmeasured on GPUs so far, so 1 (one row a step) stays the default. Row r stays
-# with program r % MAX_PROGRAMS whatever it is, so ranks need not agree on it.
-ROWS_PER_STEP = int(os.environ.get("RAYLM_PEER_ALLREDUCE_ROWS", "1"))
 POLL_HOST_AFTER_NS = 200_000  # a wait this long starts reading the host's stop flag
 WAIT_LIMIT_NS = 60 * 10**9  # longer than ranks drift apart at start-up (Triton compiles, graph captures)
 
@@ -212,57 +205,6 @@ def _looped_add_rmsnorm_kernel(inp, residual, weight, out, rows, hidden, eps, pt
     tl.store(counters + pid, epoch)
 
 
-@triton.jit
-def _slot_sum_rows(inp, offs, mask, half, ptrs, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
-                   ROWS: tl.constexpr, BLOCK_: tl.constexpr):
-    """_slot_sum over a [ROWS, BLOCK_] tile of offsets."""
-    own_data = tl.load(ptrs + RANK).to(tl.pointer_type(inp.dtype.element_ty))
-    acc = tl.zeros([ROWS, BLOCK_], dtype=tl.float32)
-    for p in tl.static_range(WORLD):
-        acc += tl.load(own_data + (half * WORLD + p) * slot_elems + offs, mask=mask, other=0.0).to(tl.float32)
-    return acc
-
-
-@triton.jit
-def _add_rmsnorm_rows(acc, residual, w, out, offs, mask, hidden, eps):
-    """_add_rmsnorm_row over a [rows, BLOCK] tile; w: [1, BLOCK]."""
-    r = tl.load(residual + offs, mask=mask, other=0.0)
-    total = (acc.to(r.dtype).to(tl.float32) + r.to(tl.float32)).to(r.dtype)
-    tl.store(residual + offs, total, mask=mask)
-    tf = total.to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(tf * tf, axis=1) / hidden + eps)
-    y = (tf * inv[:, None]).to(total.dtype) * w
-    tl.store(out + offs, y.to(out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _grouped_add_rmsnorm_kernel(inp, residual, weight, out, rows, hidden, eps, ptrs, counters, slot_elems,
-                                RANK: tl.constexpr, WORLD: tl.constexpr, MAX_BLOCKS_: tl.constexpr,
-                                BLOCK_: tl.constexpr, PROGRAMS: tl.constexpr, ROWS_PER_STEP: tl.constexpr,
-                                WAIT_LIMIT: tl.constexpr, POLL_HOST_AFTER: tl.constexpr):
-    """_looped_add_rmsnorm_kernel moving ROWS_PER_STEP of its rows (pid, pid + PROGRAMS, ...) a step."""
-    pid = tl.program_id(0)
-    epoch = tl.load(counters + pid) + 1
-    half = (epoch % 2).to(tl.int64)
-    cols = tl.arange(0, BLOCK_)[None, :]
-    col_ok = cols < hidden
-    group = tl.arange(0, ROWS_PER_STEP)[:, None] * PROGRAMS
-    for first in range(pid, rows, PROGRAMS * ROWS_PER_STEP):
-        row = first + group
-        mask = (row < rows) & col_ok
-        offs = cols.to(tl.int64) + row * hidden  # row * hidden < n: fits int32
-        _push(tl.load(inp + offs, mask=mask), offs, mask, half, ptrs, slot_elems, RANK, WORLD)
-    _signal_and_wait(pid, epoch, ptrs, RANK, WORLD, MAX_BLOCKS_, WAIT_LIMIT, POLL_HOST_AFTER)
-    w = tl.load(weight + cols, mask=col_ok, other=0.0)
-    for first in range(pid, rows, PROGRAMS * ROWS_PER_STEP):
-        row = first + group
-        mask = (row < rows) & col_ok
-        offs = cols.to(tl.int64) + row * hidden
-        acc = _slot_sum_rows(inp, offs, mask, half, ptrs, slot_elems, RANK, WORLD, ROWS_PER_STEP, BLOCK_)
-        _add_rmsnorm_rows(acc, residual, w, out, offs, mask, hidden, eps)
-    tl.store(counters + pid, epoch)
-
-
 def _open_on(device_index: int, shared) -> torch.Tensor:
     """A peer's tensor (reduce_tensor's output), mapped into this rank's device: opened under the
     peer's own device index (torch's default), the pointer would be valid only there, and this
@@ -284,12 +226,9 @@ class P2PAllReduce:
     # hold across the two kernels.
     PLAIN, FUSED = 0, 1
 
-    def __init__(self, group, max_bytes: int, rows_per_step: int = ROWS_PER_STEP):
+    def __init__(self, group, max_bytes: int):
         self.rank, self.world, self.device = group.rank, group.size, group.device
         self.max_bytes = max_bytes
-        if rows_per_step < 1 or rows_per_step & (rows_per_step - 1):
-            raise ValueError(f"rows_per_step must be a power of two, got {rows_per_step}")
-        self.rows_per_step = rows_per_step  # may change between calls (bench/allreduce_latency.py sweeps it)
         channel_bytes = 2 * self.world * max_bytes  # [2 halves][world slots][max_bytes]
         channel_signals = self.world * MAX_BLOCKS
         # [2 channels] of the above on this rank; peers write their slots here.
@@ -356,11 +295,6 @@ class P2PAllReduce:
         if rows <= MAX_PROGRAMS:
             _one_shot_add_rmsnorm_kernel[(rows,)](x, residual, weight, out, hidden, eps, ptrs, counters, slot_elems,
                                                   **waits)
-        elif self.rows_per_step > 1:
-            waits["num_warps"] = 16 if block * self.rows_per_step >= 8192 else waits["num_warps"]
-            _grouped_add_rmsnorm_kernel[(MAX_PROGRAMS,)](x, residual, weight, out, rows, hidden, eps, ptrs, counters,
-                                                         slot_elems, PROGRAMS=MAX_PROGRAMS,
-                                                         ROWS_PER_STEP=self.rows_per_step, **waits)
         else:
             _looped_add_rmsnorm_kernel[(MAX_PROGRAMS,)](x, residual, weight, out, rows, hidden, eps, ptrs, counters,
                                                         slot_elems, PROGRAMS=MAX_PROGRAMS, **waits)
