@@ -7,8 +7,8 @@ each then waits (`griddepcontrol.wait`) until that kernel has completed and its 
 before it reads or writes anything, except the GEMV's first weight tile, which no kernel writes.
 What overlaps is launch, block scheduling and that first load with the previous kernel's tail.
 Llama-3.1-8B's one-row decode step on an H200: 4.25 -> 3.98 ms, one TP=2 rank's shapes 2.57 ->
-2.34 ms. At 8 and 64 rows, where cuBLAS's GEMMs sit between our kernels, the same launches made
-steps 1-3% slower, so only one-row launches take it.
+2.34 ms. At 8 rows, where cuBLAS's GEMMs sit between our kernels, the same launches made steps
+2-3% slower (at 64 rows they gained nothing), so only one-row launches take it.
 
 Every kernel launched with `launch()`'s arguments must call `wait_for_previous(PDL)` (or wait
 itself) before it touches anything an earlier kernel may write. Kernels launched without them
