@@ -7,6 +7,7 @@ L2 every time (a decode step reads every layer's weights once, so none are cache
 
     python bench/gemv.py --model llama-3.1-8b --tp 1 2 4      # the table (F.linear vs kernel)
     python bench/gemv.py --sweep --tp 1 2                     # every kernel config
+    python bench/gemv.py --sweep --gated --tp 1 2             # gate_up + SiLU: fused configs vs unfused
     python bench/gemv.py --rows 1 2 4 8 16 32 64 --tp 1 2     # cuBLAS per layer by batch rows
 
 Writes bench/results/gemv-<gpu>.json.
@@ -27,6 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import machine, slug, versions  # noqa: E402
 from replicas.models import gemv as kernel  # noqa: E402
+from replicas.models.fused_pointwise import silu_mul  # noqa: E402
 
 L2_MISS_BYTES = 512 << 20  # weight copies cycled per graph: several times any GPU's L2
 CALLS_PER_GRAPH = 64
@@ -84,20 +86,50 @@ def table(args) -> list[dict]:
             nbytes = n * k * 2
             x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
             t_blas = time_call(lambda x, w: F.linear(x, w), weights, x)
-            t_kern = time_call(kernel.gemv, weights, x)
+            config = kernel.MATRIX_CONFIGS.get(name, {})  # what the model's linear() uses for it
+            t_kern = time_call(lambda x, w: kernel.gemv(x, w, **config), weights, x)
             ref = x.float() @ weights[0].float().T
-            err = ((kernel.gemv(x, weights[0]).float() - ref).abs().max() / ref.abs().max()).item()
+            err = ((kernel.gemv(x, weights[0], **config).float() - ref).abs().max() / ref.abs().max()).item()
             row = {"tp": tp, "matrix": name, "n": n, "k": k, "cublas_us": t_blas * 1e6, "kernel_us": t_kern * 1e6,
                    "cublas_tb_s": nbytes / t_blas / 1e12, "kernel_tb_s": nbytes / t_kern / 1e12,
                    "speedup": t_blas / t_kern, "max_rel_err": err}
             rows_out.append(row)
             print(f"{tp:>3}{name:>9}{n:>8}{k:>7}{row['cublas_us']:>11.1f}{row['cublas_tb_s']:>6.2f}"
                   f"{row['kernel_us']:>11.1f}{row['kernel_tb_s']:>6.2f}{row['speedup']:>6.2f}{err:>9.1e}", flush=True)
+            if name == "gate_up":  # the model's one-row MLP: this product with SiLU-mul in the same kernel
+                unfused = time_call(lambda x, w: silu_mul(kernel.gemv(x, w)), weights, x)
+                fused = time_call(kernel.gemv_silu_mul, weights, x)
+                row.update(unfused_silu_us=unfused * 1e6, fused_silu_us=fused * 1e6)
+                print(f"{'':>3}{'+ SiLU':>9}{'':>15}  gemv + silu_mul {unfused * 1e6:.1f} us, one kernel "
+                      f"{fused * 1e6:.1f} us", flush=True)
             del weights
         layer = [r for r in rows_out if r["tp"] == tp and r["matrix"] != "lm_head"]
         blas, kern = sum(r["cublas_us"] for r in layer), sum(r["kernel_us"] for r in layer)
         print(f"    tp {tp}, one layer's four matrices: cuBLAS {blas:.1f} us, kernel {kern:.1f} us", flush=True)
     return rows_out
+
+
+def time_configs(fn, configs: list[tuple], weights: list[torch.Tensor], x: torch.Tensor) -> dict[tuple, float]:
+    """Seconds per call of fn(x, w, block_n=, block_k=, num_warps=, num_stages=) for each config
+    (block_n, block_k, warps, stages); inf where it does not compile (shared memory)."""
+    times = {}
+    for c in configs:
+        bn, bk, warps, stages = c
+
+        def call(x, w, bn=bn, bk=bk, warps=warps, stages=stages):
+            return fn(x, w, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
+        try:
+            times[c] = time_call(call, weights, x)
+        except Exception as e:  # noqa: BLE001
+            times[c] = float("inf")
+            print(f"  {c}: {type(e).__name__}", flush=True)
+    return times
+
+
+def print_ranked(totals: dict[tuple, float], what: str) -> None:
+    print(f"{what} (block_n, block_k, warps, stages) by summed time, best first:")
+    for c, t in sorted(totals.items(), key=lambda kv: kv[1])[:8]:
+        print(f"  {c}: {t * 1e6:.1f} us")
 
 
 def sweep(args) -> list[dict]:
@@ -111,27 +143,40 @@ def sweep(args) -> list[dict]:
         weights = weight_copies(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         blas = time_call(lambda x, w: F.linear(x, w), weights, x)
-        best = None
-        for c in configs:
-            bn, bk, warps, stages = c
-
-            def call(x, w, bn=bn, bk=bk, warps=warps, stages=stages):
-                return kernel.gemv(x, w, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
-            try:
-                t = time_call(call, weights, x)
-            except Exception as e:  # noqa: BLE001 - a config that does not compile (shared memory)
-                t = float("inf")
-                print(f"  {c}: {type(e).__name__}", flush=True)
+        times = time_configs(kernel.gemv, configs, weights, x)
+        for c, t in times.items():
             totals[c] += t
             results.append({"tp": tp, "matrix": name, "config": c, "us": t * 1e6})
-            best = min(best or (t, c), (t, c))
-        print(f"tp {tp} {name:>8} ({n}x{k}): cuBLAS {blas * 1e6:.1f} us, best {best[0] * 1e6:.1f} us {best[1]}",
+        best = min(times, key=times.get)
+        print(f"tp {tp} {name:>8} ({n}x{k}): cuBLAS {blas * 1e6:.1f} us, best {times[best] * 1e6:.1f} us {best}",
               flush=True)
         del weights
-    ranked = sorted(totals.items(), key=lambda kv: kv[1])
-    print("configs (block_n, block_k, warps, stages) by summed time, best first:")
-    for c, t in ranked[:8]:
-        print(f"  {c}: {t * 1e6:.1f} us")
+    print_ranked(totals, "configs")
+    return results
+
+
+def gated_sweep(args) -> list[dict]:
+    """gemv_silu_mul's configs on each TP size's gate_up against the two kernels it replaces
+    (gemv then silu_mul, default configs)."""
+    configs = list(itertools.product((1, 2, 4), (512, 1024, 2048), (4, 8), (2, 3)))
+    totals = {c: 0.0 for c in configs}
+    results = []
+    for tp in args.tp:
+        n, k = shapes(args.model, tp)["gate_up"]
+        weights = weight_copies(n, k)
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        unfused = time_call(lambda x, w: silu_mul(kernel.gemv(x, w)), weights, x)
+        results.append({"tp": tp, "matrix": "gate_up", "config": "gemv + silu_mul", "us": unfused * 1e6})
+        times = time_configs(kernel.gemv_silu_mul, configs, weights, x)
+        for c, t in times.items():
+            totals[c] += t
+            results.append({"tp": tp, "matrix": "gate_up", "config": c, "us": t * 1e6})
+        default = (kernel.GATED_BLOCK_N, kernel.BLOCK_K, kernel.NUM_WARPS, kernel.NUM_STAGES)
+        best = min(times, key=times.get)
+        print(f"tp {tp} gate_up ({n}x{k}): gemv + silu_mul {unfused * 1e6:.1f} us, fused default "
+              f"{times[default] * 1e6:.1f} us, best {times[best] * 1e6:.1f} us {best}", flush=True)
+        del weights
+    print_ranked(totals, "fused configs")
     return results
 
 
@@ -167,6 +212,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--tp", type=int, nargs="*", default=[1, 2, 4])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--gated", action="store_true", help="with --sweep: the gate_up GEMV fused with SiLU-mul")
     ap.add_argument("--rows", type=int, nargs="*", default=None, help="cuBLAS per layer at these batch rows")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -176,9 +222,12 @@ def main() -> None:
     result = {"bench": "gemv", "device": info["gpu"], "machine": info, "versions": versions(),
               "model": args.model, "dtype": "bfloat16",
               "config": {"block_n": kernel.BLOCK_N, "block_k": kernel.BLOCK_K, "num_warps": kernel.NUM_WARPS,
-                         "num_stages": kernel.NUM_STAGES}}
+                         "num_stages": kernel.NUM_STAGES, "gated_block_n": kernel.GATED_BLOCK_N,
+                         "by_matrix": kernel.MATRIX_CONFIGS}}
     if args.rows:
         result["cublas_by_rows"] = rows_table(args)
+    elif args.sweep and args.gated:
+        result["gated_sweep"] = gated_sweep(args)
     elif args.sweep:
         result["sweep"] = sweep(args)
     else:

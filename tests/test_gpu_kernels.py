@@ -46,18 +46,34 @@ def test_silu_mul_kernel_equals_torch(dtype, tokens, width):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,k,bias", [(3072, 4096, False), (4096, 7168, False), (4096, 3584, False), (1000, 1100, True),
                                       (37, 3000, True)])
-def test_gemv_matches_a_float32_product(dtype, n, k, bias):
+@pytest.mark.parametrize("matrix", ["", "qkv"])
+def test_gemv_matches_a_float32_product(dtype, n, k, bias, matrix):
     """Within the model dtype's rounding of a float32 product (its sums run in another order than
-    cuBLAS's, so equality with F.linear is not the contract)."""
-    from replicas.models.gemv import gemv
+    cuBLAS's, so equality with F.linear is not the contract), with the default config and each
+    per-matrix one."""
+    from replicas.models.gemv import MATRIX_CONFIGS, gemv
 
     x, w = _rand(1, k, dtype=dtype), _rand(n, k, dtype=dtype, seed=1) / k ** 0.5
     b = _rand(n, dtype=dtype, seed=2) if bias else None
     ref = x.float() @ w.float().T + (b.float() if bias else 0)
-    out = gemv(x, w, b)
+    out = gemv(x, w, b, **MATRIX_CONFIGS.get(matrix, {}))
     assert out.dtype == dtype and out.shape == (1, n)
     ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(1.0)
     assert ((out.float() - ref).abs() <= 2 * ulp).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("width,k", [(14336, 4096), (7168, 4096), (1000, 3000)])
+def test_gate_up_gemv_with_silu_equals_gemv_then_silu_mul(dtype, width, k):
+    """The MLP's one-row gate/up product with the activation in the same kernel gives bitwise the
+    unfused path's result (the GEMV's output rounded, then silu_mul's arithmetic)."""
+    from replicas.models.fused_pointwise import silu_mul
+    from replicas.models.gemv import gemv, gemv_silu_mul
+
+    x, w = _rand(1, k, dtype=dtype), _rand(2 * width, k, dtype=dtype, seed=1) / k ** 0.5
+    out = gemv_silu_mul(x, w)
+    assert out.shape == (1, width) and out.dtype == dtype
+    assert torch.equal(out, silu_mul(gemv(x, w)))
 
 
 def test_linear_routes_one_row_to_the_gemv_kernel():
@@ -70,6 +86,7 @@ def test_linear_routes_one_row_to_the_gemv_kernel():
     x = _rand(1, 2048, dtype=torch.bfloat16)
     assert gemv.fits(x, layer.weight) and not gemv.fits(_rand(2, 2048, dtype=torch.bfloat16), layer.weight)
     assert torch.equal(linear(x, layer), gemv.gemv(x, layer.weight))
+    assert torch.equal(linear(x, layer, "qkv"), gemv.gemv(x, layer.weight, **gemv.MATRIX_CONFIGS["qkv"]))
     assert not gemv.fits(x.float(), layer.weight.float())  # float32 keeps F.linear
     small = nn.Linear(64, 64, bias=False).to("cuda", torch.bfloat16)
     assert not gemv.fits(x[:, :64], small.weight)  # an L2-sized weight keeps F.linear
@@ -82,7 +99,7 @@ def test_one_row_chain_with_programmatic_dependent_launch_equals_plain_launches(
     from replicas import pdl
     from replicas.models.fused_norm import add_rmsnorm
     from replicas.models.fused_pointwise import silu_mul
-    from replicas.models.gemv import gemv
+    from replicas.models.gemv import gemv, gemv_silu_mul
 
     hidden, layers = 4096, 12
     weights = [_rand(2 * hidden, hidden, dtype=torch.bfloat16, seed=10 + i) / hidden ** 0.5 for i in range(layers)]
@@ -91,9 +108,9 @@ def test_one_row_chain_with_programmatic_dependent_launch_equals_plain_launches(
 
     def chain(x):
         residual = None
-        for w in weights:
+        for i, w in enumerate(weights):
             h, residual = add_rmsnorm(x, norm, 1e-5, residual)
-            x = silu_mul(gemv(h, w))
+            x = gemv_silu_mul(h, w) if i % 2 else silu_mul(gemv(h, w))
         return x, residual
 
     def replayed():

@@ -67,6 +67,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def silu_times(g, u, dt: tl.constexpr):
+    """silu(g) * u as torch computes it in dtype dt from g and u already rounded to dt (float32
+    values here): silu rounded to dt, then the product rounded to dt."""
+    act = libdevice.div_rn(g, 1.0 + libdevice.exp(-g)).to(dt)
+    return (act.to(tl.float32) * u).to(dt)
+
+
+@triton.jit
 def _silu_mul_kernel(gate_up_ptr, out_ptr, row_stride, WIDTH: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     wait_for_previous(PDL)
     row = tl.program_id(0).to(tl.int64)
@@ -74,9 +82,7 @@ def _silu_mul_kernel(gate_up_ptr, out_ptr, row_stride, WIDTH: tl.constexpr, BLOC
     mask = cols < WIDTH
     g = tl.load(gate_up_ptr + row * row_stride + cols, mask=mask, other=0.0)
     u = tl.load(gate_up_ptr + row * row_stride + WIDTH + cols, mask=mask, other=0.0)
-    gf = g.to(tl.float32)
-    act = libdevice.div_rn(gf, 1.0 + libdevice.exp(-gf)).to(g.dtype)
-    tl.store(out_ptr + row * WIDTH + cols, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=mask)
+    tl.store(out_ptr + row * WIDTH + cols, silu_times(g.to(tl.float32), u.to(tl.float32), g.dtype), mask=mask)
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:

@@ -28,15 +28,16 @@ if TYPE_CHECKING:
 _CPU_PADDED_ROWS = [0, 2, 2, 3, 4, 5, 6, 7, 8] + [16] * 8 + [32] * 16 + [48] * 16
 
 
-def linear(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
-    """nn.Linear's math; on CUDA, one row in bf16/fp16 takes the GEMV kernel, and on the CPU
-    decode-sized batches take the faster `weight @ x.T` layout."""
+def linear(x: torch.Tensor, layer: nn.Module, matrix: str = "") -> torch.Tensor:
+    """nn.Linear's math; on CUDA, one row in bf16/fp16 takes the GEMV kernel (with its config for
+    `matrix`, where it has one), and on the CPU decode-sized batches take the faster `weight @ x.T`
+    layout."""
     bias = getattr(layer, "bias", None)  # the tied head is an nn.Embedding
     rows = x.shape[0]
     if x.device.type != "cpu":
         kernel = _gemv() if rows == 1 and x.is_cuda else None
         if kernel is not None and kernel.fits(x, layer.weight):
-            return kernel.gemv(x, layer.weight, bias)
+            return kernel.gemv(x, layer.weight, bias, **kernel.MATRIX_CONFIGS.get(matrix, {}))
         return F.linear(x, layer.weight, bias)
     if rows >= len(_CPU_PADDED_ROWS):
         return F.linear(x, layer.weight, bias)
@@ -110,7 +111,7 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def forward(self, x, cos, sin, kv_cache, meta: AttentionMetadata, backend: AttentionBackend):
-        qk, v = linear(x, self.qkv_proj).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qk, v = linear(x, self.qkv_proj, "qkv").split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         qk = qk.reshape(-1, self.num_heads + self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
@@ -136,6 +137,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
+        gemv = _gemv() if x.is_cuda else None
+        if gemv is not None and gemv.fits(x, self.gate_up_proj.weight):
+            # One row: the activation comes out of the gate/up GEMV itself (one kernel fewer).
+            return linear(gemv.gemv_silu_mul(x, self.gate_up_proj.weight), self.down_proj)
         gate_up = linear(x, self.gate_up_proj)
         kernels = _kernels("fused_pointwise") if gate_up.is_cuda else None
         if kernels is not None:
