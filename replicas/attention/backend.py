@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from replicas.models.rope import rotate
+
 
 @dataclass
 class AttentionMetadata:
@@ -38,7 +40,6 @@ class AttentionBackend:
     """
 
     name = "base"
-    fuses_rotary = False  # whether forward_rotary rotates q and k inside its KV write
 
     def prepare(self, meta: AttentionMetadata) -> None:
         """Called once per step before the layers run."""
@@ -53,8 +54,10 @@ class AttentionBackend:
                        kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                        window: int = 0) -> torch.Tensor:
         """forward() of queries and keys before the rotary embedding: qk [T, H + Hkv, D] (queries
-        first, rows may be strided), cos and sin [T, 1, D]. Only where fuses_rotary is set."""
-        raise NotImplementedError
+        first, rows may be strided), cos and sin [T, 1, D]. Here they rotate first; a backend may
+        rotate them inside its KV write instead."""
+        q, k = rotate(qk, cos, sin).split([qk.shape[1] - v.shape[1], v.shape[1]], dim=1)
+        return self.forward(q, k, v, kv_cache, meta, scale, window)
 
 
 BACKEND_NAMES = ("torch", "triton")

@@ -45,7 +45,6 @@ def _v_half(kv_cache: torch.Tensor) -> int:
 
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
-    fuses_rotary = True
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, device: torch.device,
                  max_decode_batch: int):

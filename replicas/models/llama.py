@@ -6,7 +6,6 @@ caller-supplied embedding row (prompt embeds), chosen by a per-token mask.
 from __future__ import annotations
 
 import functools
-import importlib
 import os
 from typing import TYPE_CHECKING
 
@@ -16,7 +15,8 @@ from torch import nn
 
 from replicas.attention import AttentionBackend, AttentionMetadata
 from replicas.config import ModelConfig
-from replicas.models.rope import RotaryEmbedding, apply_rope
+from replicas.models import kernel_module
+from replicas.models.rope import RotaryEmbedding
 
 if TYPE_CHECKING:
     from replicas.parallel.shard import TensorShard
@@ -51,19 +51,9 @@ def linear(x: torch.Tensor, layer: nn.Module, matrix: str = "") -> torch.Tensor:
 
 
 @functools.cache
-def _kernels(name: str):
-    """replicas.models.<name>, one of the Triton kernel modules, or None where triton is missing
-    (the model then runs torch ops)."""
-    try:
-        return importlib.import_module(f"replicas.models.{name}")
-    except ImportError:
-        return None
-
-
-@functools.cache
 def _gemv():
     """replicas.models.gemv, or None where triton is missing or RAYLM_GEMV=0 (F.linear throughout)."""
-    return None if os.environ.get("RAYLM_GEMV", "1") == "0" else _kernels("gemv")
+    return None if os.environ.get("RAYLM_GEMV", "1") == "0" else kernel_module("gemv")
 
 
 class RMSNorm(nn.Module):
@@ -88,7 +78,7 @@ class RMSNorm(nn.Module):
             if reduced is not None:
                 return reduced
             group.all_reduce(x)
-        fused = _kernels("fused_norm") if x.is_cuda else None
+        fused = kernel_module("fused_norm") if x.is_cuda else None
         if fused is not None:
             return fused.add_rmsnorm(x, self.weight, self.eps, residual)
         residual = x if residual is None else x + residual
@@ -116,14 +106,7 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             qk = torch.cat([self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])], dim=1)
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
-        if backend.fuses_rotary:
-            out = backend.forward_rotary(qk, v, cos, sin, kv_cache, meta, self.scale, self.window)
-        else:
-            # Queries and keys rotate together: one pass over [T, H + Hkv, D].
-            kernels = _kernels("fused_pointwise") if qk.is_cuda else None
-            qk = kernels.rope(qk, cos, sin) if kernels is not None else apply_rope(qk, cos, sin)
-            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-            out = backend.forward(q, k, v, kv_cache, meta, self.scale, self.window)
+        out = backend.forward_rotary(qk, v, cos, sin, kv_cache, meta, self.scale, self.window)
         # Row-parallel under tensor parallel: each rank's heads give a partial sum, summed by the
         # norm that follows (DecoderLayer).
         return linear(out.reshape(-1, self.q_size), self.o_proj)
@@ -142,7 +125,7 @@ class MLP(nn.Module):
             # One row: the activation comes out of the gate/up GEMV itself (one kernel fewer).
             return linear(gemv.gemv_silu_mul(x, self.gate_up_proj.weight), self.down_proj)
         gate_up = linear(x, self.gate_up_proj)
-        kernels = _kernels("fused_pointwise") if gate_up.is_cuda else None
+        kernels = kernel_module("fused_pointwise") if gate_up.is_cuda else None
         if kernels is not None:
             act = kernels.silu_mul(gate_up)
         else:

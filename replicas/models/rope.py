@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from replicas.models import kernel_module
+
 
 def rope_inv_freq(hf_config, head_dim: int) -> tuple[torch.Tensor, float]:
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -40,3 +42,10 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
+
+
+def rotate(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """apply_rope over queries and keys together ([T, heads, D], one pass); on CUDA one Triton
+    kernel where triton imports."""
+    kernels = kernel_module("fused_pointwise") if qk.is_cuda else None
+    return kernels.rope(qk, cos, sin) if kernels is not None else apply_rope(qk, cos, sin)
