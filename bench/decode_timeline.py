@@ -33,9 +33,10 @@ from replicas.sampling_params import SamplingParams  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def fill_batch(engine, batch: int, context: int, steps: int) -> None:
-    """`batch` greedy requests of `context` prompt tokens, prefilled, so each step is a decode."""
-    params = SamplingParams(max_tokens=4 * steps + 64, temperature=0.0, ignore_eos=True)
+def fill_batch(engine, batch: int, context: int, steps: int, temperature: float = 0.0) -> None:
+    """`batch` requests of `context` prompt tokens (greedy by default), prefilled, so each of the
+    next `steps` steps (and more) is a decode of all of them."""
+    params = SamplingParams(max_tokens=4 * steps + 64, temperature=temperature, ignore_eos=True)
     for i in range(batch):
         ids = [(i * 7 + j + batch) % 10000 for j in range(context)]
         engine.add_request(f"b{batch}-{i}", {"prompt_token_ids": ids}, params, final_only=True)

@@ -20,9 +20,9 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.decode_timeline import fill_batch  # noqa: E402
 from bench.machine import device_name, slug  # noqa: E402
 from cluster.llm import LLM  # noqa: E402
-from replicas.sampling_params import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,15 +44,7 @@ def main() -> None:
               max_num_batched_tokens=8192, enforce_eager=args.enforce_eager,
               tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
-    params = SamplingParams(max_tokens=4 * args.steps + 64, temperature=args.temperature, ignore_eos=True)
-    for i in range(args.batch):
-        engine.add_request(f"p{i}", {"prompt_token_ids": [(i * 7 + j) % 10000 for j in range(args.context)]},
-                           params, final_only=True)
-    while any(s.num_computed_tokens < s.num_tokens - 1 for s in engine.scheduler.running) \
-            or engine.scheduler.waiting or not engine.scheduler.running:
-        engine.step()
-    for _ in range(5):
-        engine.step()
+    fill_batch(engine, args.batch, args.context, args.steps, args.temperature)
     torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(args.steps):
