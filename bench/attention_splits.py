@@ -24,7 +24,7 @@ from replicas.attention.backend import AttentionMetadata  # noqa: E402
 from replicas.attention.triton_backend import LaunchPlan, TritonAttentionBackend  # noqa: E402
 
 PAGE = 16
-SPLITS = (1, 2, 4, 8, 16)
+SPLITS = (1, 2, 4, 8, 16, 32)
 CALLS_PER_GRAPH = 16
 
 
