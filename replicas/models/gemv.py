@@ -8,6 +8,8 @@ walks the whole of K with wide loads of its W rows, and writes its outputs itsel
 buffer, no second kernel, and N / BLOCK_N programs to keep every SM's loads in flight. The
 config is the best of a sweep over the 8B shapes at TP=1 and 2 (`bench/gemv.py --sweep`).
 
+`gemv_silu_mul` is the MLP's gate/up product with SiLU-and-multiply applied in the same kernel.
+
 Only one row: at 2-4 rows this kernel is slower than cuBLAS (it redoes the float32 multiply of
 the W tile per row). Sums are float32 in another order than cuBLAS's, so the last bit of a bf16
 output may differ; float32 models keep F.linear.
@@ -26,8 +28,8 @@ BLOCK_K = 1024  # weight columns per load
 NUM_WARPS = 4
 NUM_STAGES = 2
 GATED_BLOCK_N = 1  # output columns per program of gemv_silu_mul, each with its gate and up rows
-# The attention's qkv projection reads ~12% faster with wider tiles (H200, 8B: 13.4 -> 12.4 us at
-# TP=1, 7.8 -> 6.8 at TP=2); the same tiles are slower for o and down.
+# The attention's qkv projection reads faster with wider tiles (H200, 8B's qkv with the default
+# config 13.4 us at TP=1 and 7.8 at TP=2, with these 12.7 and 7.0); o and down read slower with them.
 MATRIX_CONFIGS = {"qkv": {"block_n": 4, "block_k": 2048, "num_warps": 8}}
 # Smaller weights sit in L2 or are over before cuBLAS's launch cost matters; they keep F.linear
 # (and so do the tiny models of the engine's tests, whose outputs stay batch-size invariant).
@@ -95,8 +97,7 @@ def fits(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *, block_n: int = BLOCK_N,
          block_k: int = BLOCK_K, num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> torch.Tensor:
     """x: [1, K]; weight: [N, K] with contiguous rows; bias: [N] or None. [1, N] in x's dtype."""
-    n, k = weight.shape
-    return _launch(x, weight, bias, n, False, block_n, block_k, num_warps, num_stages)
+    return _launch(x, weight, bias, weight.shape[0], False, block_n, block_k, num_warps, num_stages)
 
 
 def gemv_silu_mul(x: torch.Tensor, gate_up: torch.Tensor, *, block_n: int = GATED_BLOCK_N,
