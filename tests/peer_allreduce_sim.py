@@ -1,5 +1,5 @@
 """One rank of replicas.parallel.p2p_allreduce's kernels against simulated peers, on the CPU under
-Triton's interpreter (run with TRITON_INTERPRET=1; tests/test_peer_allreduce_sim.py does).
+Triton's interpreter (run with TRITON_INTERPRET=1; tests/test_interpreted_kernels.py does).
 
 The interpreter runs one rank's programs one after another, so the peers are simulated: before
 each call their values are placed in this rank's buffer (the half and slot they would push to)
