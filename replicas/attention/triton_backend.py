@@ -124,7 +124,8 @@ class TritonAttentionBackend(AttentionBackend):
             self.num_heads,
             QPK=self.qpk, HEAD_DIM=self.head_dim, NUM_KV_HEADS=self.num_kv_heads, PAGE=meta.block_size,
             BLOCK_Q=plan.block_q, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, DECODE_ONLY=plan.decode_only,
-            NUM_SPLITS=plan.num_splits, IEEE=q.dtype == torch.float32, WINDOW=window, num_warps=plan.num_warps, **launch,
+            NUM_SPLITS=plan.num_splits, IEEE=q.dtype == torch.float32, WINDOW=window, num_warps=plan.num_warps,
+            **launch,
         )
         if plan.num_splits > 1:
             merge_splits_kernel[(rows, self.num_heads)](out, self.part_acc, self.part_stats, out.stride(0),
