@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import device_name, machine, slug  # noqa: E402
 from cluster.llm import LLM  # noqa: E402
+from replicas.pdl import max_rows as pdl_max_rows  # noqa: E402
 from replicas.sampling_params import SamplingParams  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -108,7 +109,7 @@ def main() -> None:
         for k in r["top_kernels"][:8]:
             print(f"   {k['per_step']:5.0f} x {k['us_each']:7.2f} us  {k['name'][:70]}")
     result = {"bench": "decode_timeline", "device": device_name(), "machine": machine(), "model": args.model,
-              "context": args.context, "pdl": pdl, "runs": runs}
+              "context": args.context, "pdl": pdl, "pdl_max_rows": pdl_max_rows(), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = Path(args.model).stem if args.model.endswith(".json") else args.model
     path = RESULTS / f"decode-timeline-{slug(name)}-{slug(result['device'])}{'' if pdl else '-nopdl'}.json"

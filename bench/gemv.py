@@ -9,6 +9,8 @@ L2 every time (a decode step reads every layer's weights once, so none are cache
     python bench/gemv.py --sweep --tp 1 2                     # every kernel config
     python bench/gemv.py --sweep --gated --tp 1 2             # gate_up + SiLU: fused configs vs unfused
     python bench/gemv.py --rows 1 2 4 8 16 32 64 --tp 1 2     # cuBLAS per layer by batch rows
+    python bench/gemv.py --skinny --rows 2 4 8 16 32 --tp 1 2   # skinny GEMM vs cuBLAS by rows
+    python bench/gemv.py --skinny --sweep --tp 1 2            # skinny GEMM configs by row block
 
 Writes bench/results/gemv-<gpu>.json.
 """
@@ -28,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.machine import machine, slug, versions  # noqa: E402
 from replicas.models import gemv as kernel  # noqa: E402
+from replicas.models import skinny_gemm  # noqa: E402
 from replicas.models.fused_pointwise import silu_mul  # noqa: E402
 
 L2_MISS_BYTES = 512 << 20  # weight copies cycled per graph: several times any GPU's L2
@@ -110,24 +113,25 @@ def table(args) -> list[dict]:
 
 
 def time_configs(fn, configs: list[tuple], weights: list[torch.Tensor], x: torch.Tensor) -> dict[tuple, float]:
-    """Seconds per call of fn(x, w, block_n=, block_k=, num_warps=, num_stages=) for each config
-    (block_n, block_k, warps, stages); inf where it does not compile (shared memory)."""
+    """Seconds per call of fn(x, w, config) for each config; inf where it does not compile (shared
+    memory)."""
     times = {}
     for c in configs:
-        bn, bk, warps, stages = c
-
-        def call(x, w, bn=bn, bk=bk, warps=warps, stages=stages):
-            return fn(x, w, block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
         try:
-            times[c] = time_call(call, weights, x)
+            times[c] = time_call(lambda x, w, c=c: fn(x, w, c), weights, x)
         except Exception as e:  # noqa: BLE001
             times[c] = float("inf")
             print(f"  {c}: {type(e).__name__}", flush=True)
     return times
 
 
+def gemv_config(fn):
+    """fn(x, w, (block_n, block_k, warps, stages)) for the GEMV kernels, which take them by name."""
+    return lambda x, w, c: fn(x, w, block_n=c[0], block_k=c[1], num_warps=c[2], num_stages=c[3])
+
+
 def print_ranked(totals: dict[tuple, float], what: str) -> None:
-    print(f"{what} (block_n, block_k, warps, stages) by summed time, best first:")
+    print(f"{what} by summed time, best first:")
     for c, t in sorted(totals.items(), key=lambda kv: kv[1])[:8]:
         print(f"  {c}: {t * 1e6:.1f} us")
 
@@ -143,7 +147,7 @@ def sweep(args) -> list[dict]:
         weights = weight_copies(n, k)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         blas = time_call(lambda x, w: F.linear(x, w), weights, x)
-        times = time_configs(kernel.gemv, configs, weights, x)
+        times = time_configs(gemv_config(kernel.gemv), configs, weights, x)
         for c, t in times.items():
             totals[c] += t
             results.append({"tp": tp, "matrix": name, "config": c, "us": t * 1e6})
@@ -151,7 +155,7 @@ def sweep(args) -> list[dict]:
         print(f"tp {tp} {name:>8} ({n}x{k}): cuBLAS {blas * 1e6:.1f} us, best {times[best] * 1e6:.1f} us {best}",
               flush=True)
         del weights
-    print_ranked(totals, "configs")
+    print_ranked(totals, "configs (block_n, block_k, warps, stages)")
     return results
 
 
@@ -167,7 +171,7 @@ def gated_sweep(args) -> list[dict]:
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         unfused = time_call(lambda x, w: silu_mul(kernel.gemv(x, w)), weights, x)
         results.append({"tp": tp, "matrix": "gate_up", "config": "gemv + silu_mul", "us": unfused * 1e6})
-        times = time_configs(kernel.gemv_silu_mul, configs, weights, x)
+        times = time_configs(gemv_config(kernel.gemv_silu_mul), configs, weights, x)
         for c, t in times.items():
             totals[c] += t
             results.append({"tp": tp, "matrix": "gate_up", "config": c, "us": t * 1e6})
@@ -176,7 +180,7 @@ def gated_sweep(args) -> list[dict]:
         print(f"tp {tp} gate_up ({n}x{k}): gemv + silu_mul {unfused * 1e6:.1f} us, fused default "
               f"{times[default] * 1e6:.1f} us, best {times[best] * 1e6:.1f} us {best}", flush=True)
         del weights
-    print_ranked(totals, "fused configs")
+    print_ranked(totals, "fused configs (block_n, block_k, warps, stages)")
     return results
 
 
@@ -207,6 +211,79 @@ def rows_table(args) -> list[dict]:
     return out
 
 
+def layer_matrices(args, tp: int) -> dict[str, tuple[int, int]]:
+    return {name: nk for name, nk in shapes(args.model, tp).items() if name != "lm_head"}
+
+
+def skinny_table(args) -> list[dict]:
+    """The skinny GEMM (default configs) against cuBLAS on each matrix at each row count; the MLP's
+    gate_up as the model runs it: cuBLAS + silu_mul against the fused kernel."""
+    out = []
+    print(f"{'rows':>5}{'tp':>3}{'matrix':>9}{'cuBLAS us':>11}{'TB/s':>6}{'skinny us':>11}{'TB/s':>6}{'x':>6}")
+    weights = {(tp, name): weight_copies(n, k) for tp in args.tp for name, (n, k) in shapes(args.model, tp).items()}
+    for m in args.rows:
+        for tp in args.tp:
+            layer_blas = layer_kern = 0.0
+            for name, (n, k) in shapes(args.model, tp).items():
+                w = weights[tp, name]
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                if name == "gate_up":
+                    t_blas = time_call(lambda x, w: silu_mul(F.linear(x, w)), w, x)
+                    t_kern = time_call(skinny_gemm.skinny_gemm_silu_mul, w, x)
+                else:
+                    config = skinny_gemm.MATRIX_CONFIGS.get(name)  # what the model's linear() uses
+                    t_blas = time_call(lambda x, w: F.linear(x, w), w, x)
+                    t_kern = time_call(lambda x, w: skinny_gemm.skinny_gemm(x, w, config=config), w, x)
+                ref = x.float() @ w[0].float().T
+                err = ((skinny_gemm.skinny_gemm(x, w[0]).float() - ref).abs().max() / ref.abs().max()).item()
+                nbytes = n * k * 2
+                row = {"rows": m, "tp": tp, "matrix": name, "n": n, "k": k, "cublas_us": t_blas * 1e6,
+                       "skinny_us": t_kern * 1e6, "cublas_tb_s": nbytes / t_blas / 1e12,
+                       "skinny_tb_s": nbytes / t_kern / 1e12, "speedup": t_blas / t_kern, "max_rel_err": err,
+                       "with_silu_mul": name == "gate_up"}
+                out.append(row)
+                if name != "lm_head":
+                    layer_blas, layer_kern = layer_blas + t_blas, layer_kern + t_kern
+                print(f"{m:>5}{tp:>3}{name:>9}{row['cublas_us']:>11.1f}{row['cublas_tb_s']:>6.2f}"
+                      f"{row['skinny_us']:>11.1f}{row['skinny_tb_s']:>6.2f}{row['speedup']:>6.2f}", flush=True)
+            print(f"  rows {m} tp {tp}: one layer cuBLAS (+ silu_mul) {layer_blas * 1e6:.1f} us, skinny "
+                  f"{layer_kern * 1e6:.1f} us", flush=True)
+    return out
+
+
+def skinny_sweep(args) -> list[dict]:
+    """Every skinny GEMM config at each row block (the first row count given per block), summed
+    over the layer's matrices at each TP size."""
+    configs = [c for c in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4, 5))
+               if not (c[0] == 16 and c[2] == 8)]
+    results = []
+    by_block = {}
+    for m in args.rows:
+        by_block.setdefault(skinny_gemm.block_m(m), m)
+    for bm, m in by_block.items():
+        totals = {c: 0.0 for c in configs}
+        for tp in args.tp:
+            for name, (n, k) in layer_matrices(args, tp).items():
+                weights = weight_copies(n, k)
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                blas = time_call(lambda x, w: F.linear(x, w), weights, x)
+                fn = skinny_gemm.skinny_gemm_silu_mul if name == "gate_up" else skinny_gemm.skinny_gemm
+                default = skinny_gemm.GATED_ROW_CONFIGS if name == "gate_up" else skinny_gemm.ROW_CONFIGS
+                if name in skinny_gemm.MATRIX_CONFIGS:
+                    default = dict.fromkeys(default, skinny_gemm.MATRIX_CONFIGS[name])
+                times = time_configs(lambda x, w, c, fn=fn: fn(x, w, config=c), configs, weights, x)
+                for c, t in times.items():
+                    totals[c] += t
+                    results.append({"rows": m, "block_m": bm, "tp": tp, "matrix": name, "config": c, "us": t * 1e6})
+                best = min(times, key=times.get)
+                print(f"rows {m} tp {tp} {name:>8} ({n}x{k}): cuBLAS {blas * 1e6:.1f} us, default "
+                      f"{times.get(default.get(bm), float('nan')) * 1e6:.1f}, best {times[best] * 1e6:.1f} us {best}",
+                      flush=True)
+                del weights
+        print_ranked(totals, f"rows {m} (block_m {bm}) configs (block_n, block_k, warps, stages)")
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama-3.1-8b")
@@ -214,6 +291,8 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--gated", action="store_true", help="with --sweep: the gate_up GEMV fused with SiLU-mul")
     ap.add_argument("--rows", type=int, nargs="*", default=None, help="cuBLAS per layer at these batch rows")
+    ap.add_argument("--skinny", action="store_true", help="the few-row skinny GEMM: with --rows a table, with "
+                    "--sweep its configs")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -224,7 +303,13 @@ def main() -> None:
               "config": {"block_n": kernel.BLOCK_N, "block_k": kernel.BLOCK_K, "num_warps": kernel.NUM_WARPS,
                          "num_stages": kernel.NUM_STAGES, "gated_block_n": kernel.GATED_BLOCK_N,
                          "by_matrix": kernel.MATRIX_CONFIGS}}
-    if args.rows:
+    if args.skinny:
+        args.rows = args.rows or [2, 4, 8, 16, 32]
+        result["skinny_configs"] = {str(bm): c for bm, c in skinny_gemm.ROW_CONFIGS.items()}
+        result["skinny_gated_configs"] = {str(bm): c for bm, c in skinny_gemm.GATED_ROW_CONFIGS.items()}
+        result["skinny_matrix_configs"] = skinny_gemm.MATRIX_CONFIGS
+        result["skinny_sweep" if args.sweep else "skinny_by_rows"] = (skinny_sweep if args.sweep else skinny_table)(args)
+    elif args.rows:
         result["cublas_by_rows"] = rows_table(args)
     elif args.sweep and args.gated:
         result["gated_sweep"] = gated_sweep(args)

@@ -7,8 +7,11 @@ each then waits (`griddepcontrol.wait`) until that kernel has completed and its 
 before it reads or writes anything, except the GEMV's first weight tile, which no kernel writes.
 What overlaps is launch, block scheduling and that first load with the previous kernel's tail.
 Llama-3.1-8B's one-row decode step on an H200: 4.25 -> 3.98 ms, one TP=2 rank's shapes 2.57 ->
-2.34 ms. At 8 rows, where cuBLAS's GEMMs sit between our kernels, the same launches made steps
-2-3% slower (at 64 rows they gained nothing), so only one-row launches take it.
+2.34 ms. At 8 rows, where cuBLAS's GEMMs sat between our kernels, the same launches made steps
+2-3% slower (at 64 rows they gained nothing). With the skinny GEMM (replicas.models.skinny_gemm)
+every kernel of a 2-32 row step is ours, and PDL there still gained nothing (8B, H200, 2-32 rows:
+within 2% either way, `RAYLM_PDL_MAX_ROWS=32 python bench/decode_timeline.py`), so by default only
+one-row launches take it; RAYLM_PDL_MAX_ROWS=N extends it to N rows.
 
 Every kernel launched with `launch()`'s arguments must call `wait_for_previous(PDL)` (or wait
 itself) before it touches anything an earlier kernel may write. Kernels launched without them
@@ -38,11 +41,18 @@ def _supported(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+@functools.cache
+def max_rows() -> int:
+    """The most rows (tokens) a forward pass may have for its kernels to launch with PDL (1, or
+    RAYLM_PDL_MAX_ROWS)."""
+    return int(os.environ.get("RAYLM_PDL_MAX_ROWS", "1"))
+
+
 def launch(tensor: torch.Tensor) -> dict:
     """Keyword arguments for a launch of a PDL-aware kernel over tensor, its input, whose first
-    dimension is the rows (tokens): its PDL constexpr, and Triton's launch_pdl for one row on a
-    device that supports it."""
-    if tensor.is_cuda and tensor.shape[0] == 1:
+    dimension is the rows (tokens): its PDL constexpr, and Triton's launch_pdl for up to
+    max_rows() rows on a device that supports it."""
+    if tensor.is_cuda and 1 <= tensor.shape[0] <= max_rows():
         index = tensor.device.index if tensor.device.index is not None else torch.cuda.current_device()
         if _supported(index):
             return {"PDL": True, "launch_pdl": True}

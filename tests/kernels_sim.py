@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from replicas.models import fused_pointwise, gemv
+from replicas.models import fused_pointwise, gemv, skinny_gemm
 from replicas.models.rope import apply_rope
 
 
@@ -61,6 +61,27 @@ def check_gemv_silu_mul() -> None:
             assert (wide.float() - unfused.float()).abs().max() <= 4 * torch.finfo(dtype).eps
 
 
+def check_skinny_gemm() -> None:
+    """Within 2 ulp of a float32 product at each row block (2..32 rows), odd N and K, bias; the gated
+    variant bitwise silu_mul of the plain one. Float16 only: the interpreter's tl.dot multiplies
+    bfloat16 tiles' raw bits as integers."""
+    for dtype in (torch.float16,):
+        for m, n, k, bias in [(2, 96, 512, False), (7, 37, 300, True), (16, 130, 1024, False), (23, 64, 256, True),
+                              (32, 48, 384, False), (9, 70, 2048, True)]:
+            x, w = _rand(m, k, dtype=dtype), _rand(n, k, dtype=dtype, seed=1) / k ** 0.5
+            b = _rand(n, dtype=dtype, seed=2) if bias else None
+            ref = x.float() @ w.float().T + (b.float() if bias else 0)
+            ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(1.0)
+            for config in [None, *skinny_gemm.MATRIX_CONFIGS.values()]:
+                out = skinny_gemm.skinny_gemm(x, w, b, config=config)
+                assert out.shape == (m, n) and out.dtype == dtype
+                assert ((out.float() - ref).abs() <= 2 * ulp).all(), (dtype, m, n, k, config)
+            if not bias:
+                gated = skinny_gemm.skinny_gemm_silu_mul(x, w[: n // 2 * 2])
+                assert torch.equal(gated, fused_pointwise.silu_mul(skinny_gemm.skinny_gemm(x, w[: n // 2 * 2]))), \
+                    (dtype, m, n, k)
+
+
 def check_silu_mul_and_rope() -> None:
     """Against torch's ops: bitwise in float16 and float32. The interpreter rounds to bfloat16
     otherwise than the GPU (an ulp apart at each rounding, and rope rounds twice), so bfloat16 is
@@ -83,6 +104,7 @@ def check_silu_mul_and_rope() -> None:
 def main() -> None:
     check_gemv()
     check_gemv_silu_mul()
+    check_skinny_gemm()
     check_silu_mul_and_rope()
     print("kernels simulation: ok")
 

@@ -1,6 +1,6 @@
 """The model's fused Triton kernels on CUDA give bitwise the torch ops they replace (rotary
 embedding, SiLU-and-multiply), in bf16 and float32, for the shapes the models use; the one-row
-GEMV gives a float32 product rounded to the model dtype."""
+GEMV and the few-row skinny GEMM give a float32 product rounded to the model dtype."""
 import os
 
 import pytest
@@ -92,25 +92,86 @@ def test_linear_routes_one_row_to_the_gemv_kernel():
     assert not gemv.fits(x[:, :64], small.weight)  # an L2-sized weight keeps F.linear
 
 
-def test_one_row_chain_with_programmatic_dependent_launch_equals_plain_launches(monkeypatch):
-    """One-row kernels launched with PDL (replicas/pdl.py) start before the kernel they read from
-    has finished; each must wait for its input. A chain of them, replayed as a CUDA graph, gives
-    bitwise the results of plain launches (a missed wait reads a stale row)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [2, 5, 16, 17, 32])
+@pytest.mark.parametrize("n,k,bias", [(3072, 4096, False), (4096, 2048, False), (1000, 1100, True), (37, 3000, True)])
+@pytest.mark.parametrize("matrix", ["", "down"])
+def test_skinny_gemm_matches_a_float32_product(dtype, rows, n, k, bias, matrix):
+    """Within the model dtype's rounding of a float32 product at each row block (16, 32), with the
+    default configs and a per-matrix one."""
+    from replicas.models.skinny_gemm import MATRIX_CONFIGS, skinny_gemm
+
+    x, w = _rand(rows, k, dtype=dtype), _rand(n, k, dtype=dtype, seed=1) / k ** 0.5
+    b = _rand(n, dtype=dtype, seed=2) if bias else None
+    ref = x.float() @ w.float().T + (b.float() if bias else 0)
+    out = skinny_gemm(x, w, b, config=MATRIX_CONFIGS.get(matrix))
+    assert out.dtype == dtype and out.shape == (rows, n)
+    ulp = torch.finfo(dtype).eps * ref.abs().clamp_min(1.0)
+    assert ((out.float() - ref).abs() <= 2 * ulp).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [2, 8, 31])
+@pytest.mark.parametrize("width,k", [(14336, 4096), (7168, 4096), (1000, 3000)])
+def test_gate_up_skinny_gemm_with_silu_equals_skinny_gemm_then_silu_mul(dtype, rows, width, k):
+    from replicas.models.fused_pointwise import silu_mul
+    from replicas.models.skinny_gemm import skinny_gemm, skinny_gemm_silu_mul
+
+    x, w = _rand(rows, k, dtype=dtype), _rand(2 * width, k, dtype=dtype, seed=1) / k ** 0.5
+    out = skinny_gemm_silu_mul(x, w)
+    assert out.shape == (rows, width) and out.dtype == dtype
+    assert torch.equal(out, silu_mul(skinny_gemm(x, w)))
+
+
+def test_linear_and_mlp_route_a_few_rows_to_the_skinny_gemm():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from replicas.models import skinny_gemm
+    from replicas.models.fused_pointwise import silu_mul
+    from replicas.models.llama import MLP, linear
+
+    layer = nn.Linear(2048, 1024, bias=False).to("cuda", torch.bfloat16)
+    for rows in (2, 8, 32):
+        x = _rand(rows, 2048, dtype=torch.bfloat16)
+        assert skinny_gemm.fits(x, layer.weight)
+        assert torch.equal(linear(x, layer), skinny_gemm.skinny_gemm(x, layer.weight))
+        assert torch.equal(linear(x, layer, "down"),
+                           skinny_gemm.skinny_gemm(x, layer.weight, config=skinny_gemm.MATRIX_CONFIGS["down"]))
+    assert not skinny_gemm.fits(_rand(1, 2048, dtype=torch.bfloat16), layer.weight)  # one row: the GEMV
+    assert not skinny_gemm.fits(_rand(33, 2048, dtype=torch.bfloat16), layer.weight)  # more: cuBLAS
+    assert not skinny_gemm.fits(_rand(8, 2048, dtype=torch.float32), layer.weight.float())
+    mlp = MLP(SimpleNamespace(hidden_size=2048, intermediate_size=1024)).to("cuda", torch.bfloat16)
+    x = _rand(8, 2048, dtype=torch.bfloat16) / 3
+    unfused = linear(silu_mul(skinny_gemm.skinny_gemm(x, mlp.gate_up_proj.weight)), mlp.down_proj)
+    assert torch.equal(mlp(x), unfused)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_chain_with_programmatic_dependent_launch_equals_plain_launches(monkeypatch, rows):
+    """Kernels launched with PDL (replicas/pdl.py) start before the kernel they read from has
+    finished; each must wait for its input. A chain of them (one row: the GEMV; 8: the skinny
+    GEMM), replayed as a CUDA graph, gives bitwise the results of plain launches (a missed wait
+    reads a stale row)."""
     from replicas import pdl
     from replicas.models.fused_norm import add_rmsnorm
     from replicas.models.fused_pointwise import silu_mul
     from replicas.models.gemv import gemv, gemv_silu_mul
+    from replicas.models.skinny_gemm import skinny_gemm, skinny_gemm_silu_mul
 
     hidden, layers = 4096, 12
     weights = [_rand(2 * hidden, hidden, dtype=torch.bfloat16, seed=10 + i) / hidden ** 0.5 for i in range(layers)]
     norm = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
-    x0 = _rand(1, hidden, dtype=torch.bfloat16)
+    x0 = _rand(rows, hidden, dtype=torch.bfloat16)
+    product, fused = (gemv, gemv_silu_mul) if rows == 1 else (skinny_gemm, skinny_gemm_silu_mul)
+    monkeypatch.setattr(pdl, "max_rows", lambda: rows)
 
     def chain(x):
         residual = None
         for i, w in enumerate(weights):
             h, residual = add_rmsnorm(x, norm, 1e-5, residual)
-            x = gemv_silu_mul(h, w) if i % 2 else silu_mul(gemv(h, w))
+            x = fused(h, w) if i % 2 else silu_mul(product(h, w))
         return x, residual
 
     def replayed():

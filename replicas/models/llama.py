@@ -29,15 +29,17 @@ _CPU_PADDED_ROWS = [0, 2, 2, 3, 4, 5, 6, 7, 8] + [16] * 8 + [32] * 16 + [48] * 1
 
 
 def linear(x: torch.Tensor, layer: nn.Module, matrix: str = "") -> torch.Tensor:
-    """nn.Linear's math; on CUDA, one row in bf16/fp16 takes the GEMV kernel (with its config for
-    `matrix`, where it has one), and on the CPU decode-sized batches take the faster `weight @ x.T`
-    layout."""
+    """nn.Linear's math; on CUDA in bf16/fp16, one row takes the GEMV kernel and a few rows the
+    skinny GEMM (each with its config for `matrix`, where it has one), and on the CPU decode-sized
+    batches take the faster `weight @ x.T` layout."""
     bias = getattr(layer, "bias", None)  # the tied head is an nn.Embedding
     rows = x.shape[0]
     if x.device.type != "cpu":
-        kernel = _gemv() if rows == 1 and x.is_cuda else None
-        if kernel is not None and kernel.fits(x, layer.weight):
-            return kernel.gemv(x, layer.weight, bias, **kernel.MATRIX_CONFIGS.get(matrix, {}))
+        gemv, skinny = _weight_streaming_kernels(x)
+        if gemv is not None and gemv.fits(x, layer.weight):
+            return gemv.gemv(x, layer.weight, bias, **gemv.MATRIX_CONFIGS.get(matrix, {}))
+        if skinny is not None and skinny.fits(x, layer.weight):
+            return skinny.skinny_gemm(x, layer.weight, bias, config=skinny.MATRIX_CONFIGS.get(matrix))
         return F.linear(x, layer.weight, bias)
     if rows >= len(_CPU_PADDED_ROWS):
         return F.linear(x, layer.weight, bias)
@@ -50,10 +52,17 @@ def linear(x: torch.Tensor, layer: nn.Module, matrix: str = "") -> torch.Tensor:
     return out + bias if bias is not None else out
 
 
+def _weight_streaming_kernels(x: torch.Tensor):
+    """(replicas.models.gemv, replicas.models.skinny_gemm) for a CUDA x; (None, None) on other
+    devices, where triton is missing, or with RAYLM_GEMV=0 (F.linear throughout)."""
+    return _cuda_weight_kernels() if x.is_cuda else (None, None)
+
+
 @functools.cache
-def _gemv():
-    """replicas.models.gemv, or None where triton is missing or RAYLM_GEMV=0 (F.linear throughout)."""
-    return None if os.environ.get("RAYLM_GEMV", "1") == "0" else kernel_module("gemv")
+def _cuda_weight_kernels():
+    if os.environ.get("RAYLM_GEMV", "1") == "0":
+        return None, None
+    return kernel_module("gemv"), kernel_module("skinny_gemm")
 
 
 class RMSNorm(nn.Module):
@@ -109,7 +118,7 @@ class Attention(nn.Module):
         out = backend.forward_rotary(qk, v, cos, sin, kv_cache, meta, self.scale, self.window)
         # Row-parallel under tensor parallel: each rank's heads give a partial sum, summed by the
         # norm that follows (DecoderLayer).
-        return linear(out.reshape(-1, self.q_size), self.o_proj)
+        return linear(out.reshape(-1, self.q_size), self.o_proj, "o")
 
 
 class MLP(nn.Module):
@@ -120,10 +129,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        gemv = _gemv() if x.is_cuda else None
+        # One row (the GEMV) or a few (the skinny GEMM): the activation comes out of the gate/up
+        # product's kernel itself, one kernel fewer.
+        gemv, skinny = _weight_streaming_kernels(x)
         if gemv is not None and gemv.fits(x, self.gate_up_proj.weight):
-            # One row: the activation comes out of the gate/up GEMV itself (one kernel fewer).
-            return linear(gemv.gemv_silu_mul(x, self.gate_up_proj.weight), self.down_proj)
+            return linear(gemv.gemv_silu_mul(x, self.gate_up_proj.weight), self.down_proj, "down")
+        if skinny is not None and skinny.fits(x, self.gate_up_proj.weight):
+            return linear(skinny.skinny_gemm_silu_mul(x, self.gate_up_proj.weight), self.down_proj, "down")
         gate_up = linear(x, self.gate_up_proj)
         kernels = kernel_module("fused_pointwise") if gate_up.is_cuda else None
         if kernels is not None:
@@ -131,7 +143,7 @@ class MLP(nn.Module):
         else:
             gate, up = gate_up.split(self.intermediate, dim=-1)
             act = F.silu(gate) * up
-        return linear(act, self.down_proj)  # a partial sum under tensor parallel, like o_proj's
+        return linear(act, self.down_proj, "down")  # a partial sum under tensor parallel, like o_proj's
 
 
 class DecoderLayer(nn.Module):
