@@ -36,7 +36,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "bench" / "results"
-STATS_LAG_S = 2.5  # Serve's routing-stats poll, which carries the replicas' step counters to /metrics
 
 
 # ------------------------------------------------------------------------------ (a) tensor parallel
@@ -265,6 +264,7 @@ def dp_child(args) -> dict:
     from ray import serve
 
     from bench.process_cpu import ProcessCPU
+    from bench.serve import STATS_LAG_S  # the wait for the replicas' step counters to reach /metrics
     from cluster.app import run
 
     ray.init(include_dashboard=False, log_to_driver=False)
