@@ -6,6 +6,7 @@ import torch
 from cluster import LLM, SamplingParams
 from replicas.attention.backend import AttentionMetadata
 from tests.engine_support import CHATS, chat_token_ids, embedded_tokenizer, hf_greedy, make_tiny_model
+from tests.paged_cache import paged_batch
 
 pytestmark = pytest.mark.gpu
 
@@ -118,32 +119,18 @@ def test_triton_kernels_match_the_torch_reference(dtype, heads, window):
     from replicas.attention.triton_backend import TritonAttentionBackend
 
     H, Hkv, D = heads
-    page, num_blocks = 16, 512
     g = torch.Generator(device="cuda").manual_seed(0)
-    cache = torch.randn((2, num_blocks, page, Hkv, D), generator=g, device="cuda").to(dtype)
-    table = torch.zeros((8, 128), dtype=torch.int32, device="cuda")
-    perm = torch.randperm(num_blocks, generator=g, device="cuda").int()
     for cases, split in [([(0, 70), (33, 1), (100, 300), (0, 1), (1500, 1)], None), ([(2000, 1), (40, 1)], 2)]:
-        rows, starts, lens, slots, used = [], [0], [], [], 0
-        for i, (ctx, q) in enumerate(cases):
-            n = -(-(ctx + q) // page)
-            table[i + 1, :n] = perm[used:used + n]
-            used += n
-            rows.append(i + 1)
-            starts.append(starts[-1] + q)
-            lens.append(ctx + q)
-            slots += [int(table[i + 1, p // page]) * page + p % page for p in range(ctx, ctx + q)]
-        T = starts[-1]
+        cache, meta_args = paged_batch(cases, Hkv, D, dtype, "cuda", 512, g)
+        T = int(meta_args[1][-1])
         q = torch.randn((T, H, D), generator=g, device="cuda").to(dtype)
         k, v = torch.randn((2, T, Hkv, D), generator=g, device="cuda").to(dtype)
         outs = []
         for backend in (TorchAttentionBackend(), TritonAttentionBackend(H, Hkv, D, torch.device("cuda"), 8)):
             c = cache.clone()
-            meta = AttentionMetadata(torch.tensor(slots, device="cuda"), torch.tensor(starts, device="cuda"),
-                                     torch.tensor(lens, device="cuda"), table, torch.tensor(rows, device="cuda"),
-                                     max(x[1] for x in cases), max(lens), page)
+            meta = AttentionMetadata(*meta_args)
             if split and backend.name == "triton":
-                meta.backend_state["plan"] = backend.plan(T, len(cases), 1, max(lens), split_batch=split)
+                meta.backend_state["plan"] = backend.plan(T, len(cases), 1, meta.max_seq_len, split_batch=split)
                 assert meta.backend_state["plan"].num_splits > 1
             backend.prepare(meta)
             outs.append((backend.forward(q, k, v, c, meta, D ** -0.5, window).float(), c))

@@ -3,8 +3,9 @@ interpreter is chosen when the kernels are defined):
 
 - tests/peer_allreduce_sim.py: the peer-memory all-reduce kernels' protocol (pushes, flags, halves,
   call counts, one-shot and looped grids, the fused add + RMSNorm), one rank against simulated peers;
-- tests/kernels_sim.py: the GEMV (plain, per-matrix configs, with SiLU-mul), SiLU-mul and rotary
-  kernels against the torch ops or unfused kernels they replace.
+- tests/kernels_sim.py: the GEMV (plain, per-matrix configs, with SiLU-mul), the skinny GEMM, SiLU-mul,
+  rotary, add + RMSNorm, and the attention backend's kernels (rope + KV write, KV write, varlen
+  and split attention, split merge) against the torch ops, the torch backend or the unfused kernels.
 
 Needs the triton package (not in the CPU test install: skipped there; the GPU machines have it)."""
 import os
