@@ -134,7 +134,8 @@ def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 def skinny_gemm_silu_mul(x: torch.Tensor, gate_up: torch.Tensor,
                          config: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """silu(gate) * up of skinny_gemm(x, gate_up) in one kernel, bitwise the same as the two at the
-    same block_k: x: [M, K]; gate_up: [2 * N, K], the gate's rows first. [M, N] in x's dtype.
+    same tile (block_n, block_k and warps; stages may differ): x: [M, K]; gate_up: [2 * N, K], the
+    gate's rows first. [M, N] in x's dtype.
     config: ROW_CONFIGS' form, GATED_ROW_CONFIGS' by default."""
     return _launch(x, gate_up, None, gate_up.shape[0] // 2, True, config)
 
