@@ -11,7 +11,7 @@ config is the best of a sweep over the 8B shapes at TP=1 and 2 (`bench/gemv.py -
 `gemv_silu_mul` is the MLP's gate/up product with SiLU-and-multiply applied in the same kernel.
 
 Only one row: at 2-4 rows this kernel is slower than cuBLAS (it redoes the float32 multiply of
-the W tile per row). Sums are float32 in another order than cuBLAS's, so the last bit of a bf16
+the W tile per row); 2-32 rows take replicas.models.skinny_gemm. Sums are float32 in another order than cuBLAS's, so the last bit of a bf16
 output may differ; float32 models keep F.linear.
 """
 from __future__ import annotations
